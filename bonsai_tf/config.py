@@ -1,0 +1,153 @@
+"""The validated, frozen configuration of a run (what entry scripts build from flags)."""
+
+import dataclasses
+import json
+
+from bonsai_tf import genotype as genotype_lib
+from bonsai_tf import space as space_lib
+
+STRATEGIES = ("bonsai", "random", "fixed")
+
+
+class ConfigError(ValueError):
+    """A configuration value out of range or of the wrong type."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    # data
+    dataset: str = "fashion_mnist"
+    data_dir: str = ""
+    val_size: int = 5000
+    train_subset: int = 0          # 0 = all; searches may use a subset
+    final_subset: int = 0          # 0 = all training data for the final network
+    image_size: tuple = ()         # folder datasets: resize to (h, w)
+    augment: str = ""              # "" = the dataset's default policy
+    # search space
+    strategy: str = "bonsai"
+    space: str = "bonsai7"
+    scale: int = 16
+    nodes: int = 4
+    patterns: tuple = (("n", "na"), ("r",))
+    max_patterns: int = 0          # 0 = as many as the spatial size allows
+    reduction_target: int = 2
+    init_weight: float = 0.1
+    genotype: str = ""             # strategy random/fixed: the genotype file to match/train
+    # schedule
+    epochs: int = 600              # search + final, as in BonsaiNet
+    search_epochs: int = 0         # 0 = half of `epochs`
+    batch_size: int = 64
+    lr_max: float = 0.01
+    lr_min: float = 0.0
+    gate_lr: float = 0.0           # 0 = same as lr_max, cosine like the rest
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    drop_path: float = 0.3
+    aux_weight: float = 0.2
+    label_smoothing: float = 0.0
+    # compression and growth
+    lambda_edge: float = 0.01
+    lambda_input: float = 0.01
+    prune_interval: int = 4
+    cycle_len: int = 8
+    memory_budget_mb: float = 0.0  # 0 = no growth beyond the initial network
+    # run
+    seed: int = 0
+    deterministic: bool = False
+    jit_compile: bool = False
+    steps_per_epoch: int = 0       # 0 = one pass over the training data
+    measure_memory: bool = True
+
+    def __post_init__(self):
+        def check(cond, name, expected):
+            if not cond:
+                raise ConfigError(f"{name} = {getattr(self, name)!r}; expected {expected}")
+        ints = ("val_size", "train_subset", "final_subset", "scale", "nodes", "max_patterns",
+                "reduction_target", "epochs", "search_epochs", "batch_size", "prune_interval",
+                "cycle_len", "seed", "steps_per_epoch")
+        for name in ints:
+            check(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool),
+                  name, "an integer")
+        floats = ("init_weight", "lr_max", "lr_min", "gate_lr", "momentum", "weight_decay",
+                  "drop_path", "aux_weight", "label_smoothing", "lambda_edge", "lambda_input",
+                  "memory_budget_mb")
+        for name in floats:
+            check(isinstance(getattr(self, name), (int, float)) and not isinstance(
+                getattr(self, name), bool), name, "a number")
+        check(self.strategy in STRATEGIES, "strategy", f"one of {STRATEGIES}")
+        check(self.space in space_lib.SPACES, "space", f"one of {sorted(space_lib.SPACES)}")
+        check(self.scale >= 1, "scale", ">= 1")
+        check(1 <= self.nodes <= 16, "nodes", "in [1, 16]")
+        check(self.max_patterns >= 0, "max_patterns", ">= 0")
+        check(self.reduction_target >= 1, "reduction_target", ">= 1")
+        check(self.epochs >= 1, "epochs", ">= 1")
+        check(0 <= self.search_epochs <= self.epochs, "search_epochs", f"in [0, epochs={self.epochs}]")
+        check(self.batch_size >= 1, "batch_size", ">= 1")
+        check(self.val_size >= 0, "val_size", ">= 0")
+        check(self.train_subset >= 0, "train_subset", ">= 0")
+        check(self.final_subset >= 0, "final_subset", ">= 0")
+        check(self.lr_max > 0, "lr_max", "> 0")
+        check(0 <= self.lr_min <= self.lr_max, "lr_min", f"in [0, lr_max={self.lr_max}]")
+        check(self.gate_lr >= 0, "gate_lr", ">= 0")
+        check(0 <= self.momentum < 1, "momentum", "in [0, 1)")
+        check(self.weight_decay >= 0, "weight_decay", ">= 0")
+        check(0 <= self.drop_path < 1, "drop_path", "in [0, 1)")
+        check(self.aux_weight >= 0, "aux_weight", ">= 0")
+        check(0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)")
+        check(self.lambda_edge >= 0, "lambda_edge", ">= 0")
+        check(self.lambda_input >= 0, "lambda_input", ">= 0")
+        check(self.prune_interval >= 1, "prune_interval", ">= 1")
+        check(self.cycle_len >= 1, "cycle_len", ">= 1")
+        check(self.memory_budget_mb >= 0, "memory_budget_mb", ">= 0 (0 = no growth)")
+        check(self.steps_per_epoch >= 0, "steps_per_epoch", ">= 0")
+        check(self.seed >= 0, "seed", ">= 0")
+        check(self.init_weight > 0, "init_weight", "> 0 (gates start open)")
+        check(len(self.image_size) in (0, 2) and all(isinstance(v, int) and v > 0
+                                                     for v in self.image_size),
+              "image_size", "empty or (height, width) of positive ints")
+        try:
+            patterns = genotype_lib.parse_patterns(self.patterns)
+        except genotype_lib.GenotypeError as e:
+            raise ConfigError(str(e)) from None
+        object.__setattr__(self, "patterns", patterns)
+        object.__setattr__(self, "image_size", tuple(self.image_size))
+        if self.strategy in ("random", "fixed"):
+            check(bool(self.genotype), "genotype", f"a genotype file with strategy={self.strategy}")
+
+    @property
+    def resolved_search_epochs(self):
+        if self.strategy != "bonsai":
+            return 0
+        return self.search_epochs or self.epochs // 2
+
+    def to_dict(self):
+        d = dataclasses.asdict(self)
+        d["patterns"] = [list(p) for p in self.patterns]
+        d["image_size"] = list(self.image_size)
+        return d
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, d):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {sorted(unknown)}; expected a subset of "
+                              f"{sorted(fields)}")
+        d = dict(d)
+        if "patterns" in d:
+            d["patterns"] = tuple(tuple(p) for p in d["patterns"])
+        if "image_size" in d:
+            d["image_size"] = tuple(d["image_size"])
+        return cls(**d)
+
+    # Fields that do not change what a run computes: a resumed run may differ in them.
+    NON_IDENTITY = ("measure_memory", "jit_compile", "data_dir")
+
+    def identity(self):
+        d = self.to_dict()
+        for k in self.NON_IDENTITY:
+            d.pop(k, None)
+        return d

@@ -1,0 +1,395 @@
+"""The genotype: a network of the search space as plain, versioned data.
+
+A genotype lists every cell: its kind, its channels, which earlier outputs feed
+its `y` input (each with its input gate's weight) and which operations survive on
+which edges (each with its gate weight). A search starts from the full genotype
+(every operation on every edge) and ends with what survived, so "the found
+network is the search space minus what was pruned". No TensorFlow here.
+
+Cell wiring (see BONSAINET.md section 2): inputs `x` (previous output) and `y`
+(gated sum of earlier outputs, 0 = stem, i + 1 = cell i); `nodes` intermediate
+nodes; edges from "x" and "y" to every node and from node i to every node j > i;
+the cell's output is its last node.
+"""
+
+import dataclasses
+import hashlib
+import json
+import random
+
+from bonsai_tf import space as space_lib
+
+FORMAT = "bonsai-tf/genotype"
+VERSION = 1
+CELL_KINDS = ("normal", "reduction")
+
+
+class GenotypeError(ValueError):
+    """A genotype that is malformed, inconsistent or from an unknown version."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Edge:
+    src: object          # "x", "y" or an int node index
+    dst: int
+    ops: tuple           # ((op name, gate weight), ...) of the surviving operations
+
+    def op_names(self):
+        return tuple(name for name, _ in self.ops)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    kind: str
+    channels: int
+    nodes: int
+    aux: bool            # its auxiliary head is preserved when the network grows
+    inputs: tuple        # ((earlier output index, gate weight), ...) feeding `y`
+    edges: tuple         # (Edge, ...)
+
+    @property
+    def reduction(self):
+        return self.kind == "reduction"
+
+    def edge(self, src, dst):
+        for e in self.edges:
+            if e.src == src and e.dst == dst:
+                return e
+        return None
+
+    def num_ops(self):
+        return sum(len(e.ops) for e in self.edges)
+
+
+@dataclasses.dataclass(frozen=True)
+class Genotype:
+    space: str
+    input_shape: tuple   # (height, width, channels)
+    num_classes: int
+    scale: int
+    nodes: int
+    patterns: tuple      # e.g. (("n", "na"), ("r",))
+    cells: tuple         # (Cell, ...)
+    version: int = VERSION
+
+    # ---- structure -------------------------------------------------------
+    def validate(self):
+        ops = set(space_lib.space_ops(self.space))
+        if len(self.input_shape) != 3 or min(self.input_shape) < 1:
+            raise GenotypeError(f"input_shape must be (height, width, channels), got {self.input_shape!r}")
+        if self.num_classes < 2:
+            raise GenotypeError(f"num_classes must be at least 2, got {self.num_classes}")
+        parse_patterns(self.patterns)
+        for c, cell in enumerate(self.cells):
+            where = f"cell {c}"
+            if cell.kind not in CELL_KINDS:
+                raise GenotypeError(f"{where}: kind {cell.kind!r}, expected one of {CELL_KINDS}")
+            if cell.channels < 1 or cell.nodes < 1:
+                raise GenotypeError(f"{where}: channels and nodes must be positive, got "
+                                    f"{cell.channels} and {cell.nodes}")
+            for j, _ in cell.inputs:
+                if not isinstance(j, int) or not 0 <= j <= c:
+                    raise GenotypeError(f"{where}: input {j!r} is not an earlier output; "
+                                        f"expected an index in [0, {c}]")
+            seen = set()
+            for e in cell.edges:
+                valid_src = e.src in ("x", "y") or (isinstance(e.src, int) and 0 <= e.src < cell.nodes)
+                if not valid_src or not isinstance(e.dst, int) or not 0 <= e.dst < cell.nodes or (
+                        isinstance(e.src, int) and e.src >= e.dst):
+                    raise GenotypeError(f"{where}: edge {e.src!r}->{e.dst!r} is not in a cell of "
+                                        f"{cell.nodes} nodes")
+                if (e.src, e.dst) in seen:
+                    raise GenotypeError(f"{where}: edge {e.src!r}->{e.dst!r} appears twice")
+                seen.add((e.src, e.dst))
+                for name, _ in e.ops:
+                    if name not in ops:
+                        raise GenotypeError(f"{where}: unknown operation {name!r} on edge "
+                                            f"{e.src!r}->{e.dst!r}; expected one of {sorted(ops)}")
+            if not _reaches_output(cell):
+                raise GenotypeError(f"{where}: no path of operations from its inputs to its output node")
+        return self
+
+    def canonical(self):
+        """Removes empty edges, dead nodes and unused inputs (NAS-Bench-101 style)."""
+        return dataclasses.replace(self, cells=tuple(_prune_cell(c) for c in self.cells))
+
+    def structure(self):
+        """The genotype without gate weights: what identifies the architecture."""
+        d = self.to_dict(weights=False)
+        return d
+
+    def hash(self):
+        blob = json.dumps(self.canonical().structure(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def num_ops(self):
+        return sum(c.num_ops() for c in self.cells)
+
+    # ---- serialisation ----------------------------------------------------
+    def to_dict(self, weights=True):
+        def ops(e):
+            return {n: float(w) for n, w in e.ops} if weights else sorted(n for n, _ in e.ops)
+        return {
+            "format": FORMAT,
+            "version": self.version,
+            "space": self.space,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "scale": self.scale,
+            "nodes": self.nodes,
+            "patterns": [list(p) for p in self.patterns],
+            "cells": [{
+                "kind": c.kind, "channels": c.channels, "nodes": c.nodes, "aux": c.aux,
+                "inputs": ({str(j): float(w) for j, w in c.inputs} if weights
+                           else sorted(j for j, _ in c.inputs)),
+                "edges": [{"from": e.src, "to": e.dst, "ops": ops(e)} for e in c.edges],
+            } for c in self.cells],
+        }
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), indent=1, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, d):
+        try:
+            return _from_dict(d)
+        except GenotypeError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise GenotypeError(f"malformed genotype: {type(e).__name__}: {e}") from None
+
+    @classmethod
+    def from_json(cls, text):
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise GenotypeError(f"genotype is not valid JSON ({e}); expected a {FORMAT} document") from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def load(cls, path):
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError as e:
+            raise GenotypeError(f"cannot read genotype {path!r}: {e.strerror}") from None
+        try:
+            return cls.from_json(text)
+        except GenotypeError as e:
+            raise GenotypeError(f"{path}: {e}") from None
+
+
+def _check_keys(d, allowed, where):
+    if not isinstance(d, dict):
+        raise GenotypeError(f"{where}: expected an object, got {type(d).__name__}")
+    unknown = set(d) - set(allowed)
+    if unknown:
+        raise GenotypeError(f"{where}: unknown field(s) {sorted(unknown)}; expected {sorted(allowed)}")
+    missing = set(allowed) - set(d)
+    if missing:
+        raise GenotypeError(f"{where}: missing field(s) {sorted(missing)}")
+
+
+def _from_dict(d):
+    _check_keys(d, ("format", "version", "space", "input_shape", "num_classes", "scale", "nodes",
+                    "patterns", "cells"), "genotype")
+    if d["format"] != FORMAT:
+        raise GenotypeError(f"format is {d['format']!r}, expected {FORMAT!r}")
+    if d["version"] != VERSION:
+        raise GenotypeError(f"genotype version {d['version']!r} is not supported; expected {VERSION}")
+    cells = []
+    for i, c in enumerate(d["cells"]):
+        _check_keys(c, ("kind", "channels", "nodes", "aux", "inputs", "edges"), f"cell {i}")
+        edges = []
+        for e in c["edges"]:
+            _check_keys(e, ("from", "to", "ops"), f"cell {i} edge")
+            if not isinstance(e["ops"], dict):
+                raise GenotypeError(f"cell {i} edge: ops must map names to gate weights, got "
+                                    f"{type(e['ops']).__name__}")
+            edges.append(Edge(src=e["from"], dst=int(e["to"]),
+                              ops=tuple((str(n), float(w)) for n, w in e["ops"].items())))
+        if not isinstance(c["inputs"], dict):
+            raise GenotypeError(f"cell {i}: inputs must map output indices to gate weights")
+        cells.append(Cell(kind=c["kind"], channels=int(c["channels"]), nodes=int(c["nodes"]),
+                          aux=bool(c["aux"]),
+                          inputs=tuple((int(j), float(w)) for j, w in c["inputs"].items()),
+                          edges=tuple(edges)))
+    g = Genotype(space=str(d["space"]), input_shape=tuple(int(v) for v in d["input_shape"]),
+                 num_classes=int(d["num_classes"]), scale=int(d["scale"]), nodes=int(d["nodes"]),
+                 patterns=tuple(tuple(str(x) for x in p) for p in d["patterns"]),
+                 cells=tuple(cells))
+    try:
+        return g.validate()
+    except ValueError as e:  # unknown space from space_lib
+        raise GenotypeError(str(e)) from None
+
+
+# ---- patterns ------------------------------------------------------------
+def parse_patterns(patterns):
+    """Checks a pattern list such as (("n", "na"), ("r",)) and returns it as tuples."""
+    if not patterns or not all(isinstance(p, (list, tuple)) and p for p in patterns):
+        raise GenotypeError(f"patterns must be a non-empty list of non-empty lists of cell codes, "
+                            f"got {patterns!r}")
+    for p in patterns:
+        for code in p:
+            if code not in ("n", "na", "r", "ra"):
+                raise GenotypeError(f"unknown cell code {code!r} in patterns {patterns!r}; "
+                                    f"expected 'n', 'na', 'r' or 'ra'")
+    if patterns[0][0][0] != "n":
+        raise GenotypeError(f"the first cell must be normal ('n'), got {patterns[0][0]!r}")
+    return tuple(tuple(p) for p in patterns)
+
+
+def pattern_codes(patterns, index):
+    """Cell codes of the pattern number `index` (patterns repeat cyclically)."""
+    return patterns[index % len(patterns)]
+
+
+def max_patterns(patterns, spatial, reduction_target=1):
+    """Most patterns whose reductions keep the spatial size >= reduction_target."""
+    n, size = 0, spatial
+    while n < 64:
+        reductions = sum(code[0] == "r" for code in pattern_codes(patterns, n))
+        new_size = size
+        for _ in range(reductions):
+            new_size = (new_size + 1) // 2
+        if new_size < reduction_target or (reductions and new_size == size):
+            break
+        size, n = new_size, n + 1
+    return n
+
+
+# ---- building genotypes --------------------------------------------------
+def edge_keys(nodes):
+    keys = []
+    for dst in range(nodes):
+        keys += [("x", dst), ("y", dst)] + [(src, dst) for src in range(dst)]
+    return keys
+
+
+def full_cell(kind, channels, nodes, ops, num_earlier, aux=False, init_weight=0.1):
+    """A cell with every operation on every edge and every earlier output as input."""
+    return Cell(kind=kind, channels=channels, nodes=nodes, aux=aux,
+                inputs=tuple((j, init_weight) for j in range(num_earlier)),
+                edges=tuple(Edge(src, dst, tuple((o, init_weight) for o in ops))
+                            for src, dst in edge_keys(nodes)))
+
+
+def grow(genotype, init_weight=0.1):
+    """Appends the next pattern's cells, unpruned, to `genotype`."""
+    g = genotype
+    ops = space_lib.space_ops(g.space)
+    index = num_patterns(g)
+    cells = list(g.cells)
+    channels = cells[-1].channels if cells else g.scale
+    for code in pattern_codes(g.patterns, index):
+        kind = "reduction" if code[0] == "r" else "normal"
+        if kind == "reduction":
+            channels *= 2
+        cells.append(full_cell(kind, channels, g.nodes, ops, num_earlier=len(cells) + 1,
+                               aux=code.endswith("a"), init_weight=init_weight))
+    return dataclasses.replace(g, cells=tuple(cells))
+
+
+def initial(space, input_shape, num_classes, scale, nodes, patterns, num_patterns_=1,
+            init_weight=0.1):
+    g = Genotype(space=space, input_shape=tuple(input_shape), num_classes=num_classes,
+                 scale=scale, nodes=nodes, patterns=parse_patterns(patterns), cells=())
+    space_lib.space_ops(space)
+    for _ in range(num_patterns_):
+        g = grow(g, init_weight)
+    return g.validate()
+
+
+def num_patterns(genotype):
+    """How many patterns the genotype's cells make up."""
+    n, count = 0, 0
+    while count < len(genotype.cells):
+        count += len(pattern_codes(genotype.patterns, n))
+        n += 1
+    if count != len(genotype.cells):
+        raise GenotypeError(f"{len(genotype.cells)} cells do not make whole patterns of "
+                            f"{[list(p) for p in genotype.patterns]}")
+    return n
+
+
+def pattern_ends(genotype):
+    """Indices of the last cell of every pattern (where heads sit)."""
+    ends, count = [], 0
+    for n in range(num_patterns(genotype)):
+        count += len(pattern_codes(genotype.patterns, n))
+        ends.append(count - 1)
+    return ends
+
+
+def head_cells(genotype):
+    """Cells carrying an auxiliary head: preserved pattern ends except the last cell."""
+    ends = pattern_ends(genotype)
+    return [c for c in ends[:-1] if genotype.cells[c].aux]
+
+
+# ---- dead-node removal ------------------------------------------------------
+def _alive_nodes(cell):
+    """Nodes reachable from an input and reaching the output through non-empty edges."""
+    edges = [e for e in cell.edges if e.ops and not (e.src == "y" and not cell.inputs)]
+    fed = set()
+    for dst in range(cell.nodes):
+        if any(e.dst == dst and (e.src in ("x", "y") or e.src in fed) for e in edges):
+            fed.add(dst)
+    useful = {cell.nodes - 1} if cell.nodes - 1 in fed else set()
+    for src in reversed(range(cell.nodes)):
+        if src in fed and any(e.src == src and e.dst in useful for e in edges):
+            useful.add(src)
+    return fed & useful, edges
+
+
+def _reaches_output(cell):
+    alive, _ = _alive_nodes(cell)
+    return cell.nodes - 1 in alive
+
+
+def _prune_cell(cell):
+    alive, edges = _alive_nodes(cell)
+    kept = tuple(e for e in edges if e.dst in alive and (e.src in ("x", "y") or e.src in alive))
+    inputs = cell.inputs if any(e.src == "y" for e in kept) else ()
+    return dataclasses.replace(cell, edges=kept, inputs=inputs)
+
+
+# ---- the random baseline ----------------------------------------------------
+def random_like(found, op_cost, seed=0):
+    """A random network matching `found` cell for cell (BONSAINET.md section 6).
+
+    Each edge keeps, at random, operations until it holds about the same fraction of
+    its operation memory as the found edge (`op_cost(cell_index, src, op)` gives the
+    memory of one operation); each cell keeps as many inputs as the found one.
+    """
+    rng = random.Random(seed)
+    ops = space_lib.space_ops(found.space)
+    cells = []
+    for c, cell in enumerate(found.cells):
+        full = full_cell(cell.kind, cell.channels, cell.nodes, ops, num_earlier=c + 1, aux=cell.aux)
+        edges = []
+        for e in full.edges:
+            twin = cell.edge(e.src, e.dst)
+            total = sum(op_cost(c, e.src, o) for o in ops)
+            target = sum(op_cost(c, e.src, o) for o in twin.op_names()) if twin else 0.0
+            chosen, have = [], 0.0
+            for o in rng.sample(ops, len(ops)):
+                if have >= target - 1e-9 * total:
+                    break
+                chosen.append(o)
+                have += op_cost(c, e.src, o)
+            edges.append(Edge(e.src, e.dst, tuple((o, 0.1) for o in sorted(chosen, key=ops.index))))
+        k = max(1, len(cell.inputs))
+        inputs = tuple((j, 0.1) for j in sorted(rng.sample(range(c + 1), min(k, c + 1))))
+        cand = dataclasses.replace(full, edges=tuple(edges), inputs=inputs)
+        if not _reaches_output(cand):
+            # Keep the cell usable: give the output node a cheap path from x.
+            extra = Edge("x", cell.nodes - 1, (("identity" if "identity" in ops else ops[0], 0.1),))
+            cand = dataclasses.replace(cand, edges=tuple(
+                extra if (e.src, e.dst) == ("x", cell.nodes - 1) and not e.ops else e
+                for e in cand.edges))
+            if not _reaches_output(cand):
+                cand = dataclasses.replace(cand, edges=cand.edges + (extra,))
+        cells.append(_prune_cell(cand))
+    return dataclasses.replace(found, cells=tuple(cells)).validate()

@@ -1,0 +1,208 @@
+"""Memory (and FLOP) costs of operations and networks: analytical, and measured.
+
+The analytical model counts the activations a training step keeps for the
+backward pass: every step of an operation's recipe (bonsai_tf.space) stores its
+output, an edge stores the drop-path and gated outputs, and every trainable
+parameter costs its value, its gradient and one optimizer slot. It is exact in
+shapes, so it ranks operations correctly on any device; `measure_step_peak`
+reads the framework allocator's peak during a real training step (GPU, or CPU
+where TensorFlow exposes allocator stats), and a test checks the two agree.
+"""
+
+import dataclasses
+
+from bonsai_tf import genotype as genotype_lib
+from bonsai_tf import space as space_lib
+
+BYTES = 4  # float32
+PARAM_COPIES = 3  # value, gradient, momentum
+
+
+def _ceil_div(v, s):
+    return (v + s - 1) // s
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCost:
+    activations: int   # elements kept per example
+    params: int
+    flops: int         # multiply-adds per example
+
+    def bytes(self, batch):
+        return BYTES * (self.activations * batch + PARAM_COPIES * self.params)
+
+
+def op_cost(op, h, w, c, stride):
+    """Cost of one gated candidate operation on an (h, w, c) input with `stride`."""
+    acts = params = flops = 0
+    s = stride
+    for step in space_lib.recipe(op):
+        kind = step[0]
+        if kind in space_lib.SPATIAL_STEPS:
+            st = s
+            s = 1
+        else:
+            st = 1
+        if kind == "dw" and step[2] > 1 and st > 1:
+            acts += h * w * c  # computed at stride 1, then subsampled (layers.Operation)
+        oh, ow = _ceil_div(h, st), _ceil_div(w, st)
+        out = oh * ow * c
+        if kind == "dw":
+            params += step[1] * step[1] * c
+            flops += out * step[1] * step[1]
+        elif kind == "conv":
+            params += step[1] * step[1] * c * c
+            flops += out * step[1] * step[1] * c
+        elif kind == "pw":
+            params += c * c
+            flops += out * c
+        elif kind == "bn":
+            params += 2 * c
+        elif kind in ("maxpool", "avgpool"):
+            flops += out * step[1] * step[1]
+        acts += out if kind not in ("identity", "zero") else 0
+        h, w = oh, ow
+    out = h * w * c
+    acts += 2 * out  # drop-path and gate outputs
+    return OpCost(acts, params, flops)
+
+
+def cell_shapes(genotype):
+    """[(input h, input w, channels)] of every cell."""
+    h, w, _ = genotype.input_shape
+    shapes = []
+    for cell in genotype.cells:
+        shapes.append((h, w, cell.channels))
+        if cell.reduction:
+            h, w = _ceil_div(h, 2), _ceil_div(w, 2)
+    return shapes
+
+
+def edge_op_cost(genotype, c, src, op):
+    h, w, ch = cell_shapes(genotype)[c]
+    stride = 2 if genotype.cells[c].reduction and src in ("x", "y") else 1
+    if stride == 1 and genotype.cells[c].reduction:
+        h, w = _ceil_div(h, 2), _ceil_div(w, 2)
+    return op_cost(op, h, w, ch, stride)
+
+
+def cell_op_bytes(genotype, batch):
+    """{cell index: {(src, dst, op): bytes}} for every operation of every cell."""
+    out = {}
+    for c, cell in enumerate(genotype.cells):
+        out[c] = {(e.src, e.dst, op): edge_op_cost(genotype, c, e.src, op).bytes(batch)
+                  for e in cell.edges for op, _ in e.ops}
+    return out
+
+
+def _fixed_cost(genotype):
+    """Activations and parameters outside the candidate operations."""
+    h, w, cin = genotype.input_shape
+    acts = h * w * cin + 2 * h * w * genotype.scale + h * w * genotype.scale  # input, stem conv+BN, norm
+    params = 9 * cin * genotype.scale + 2 * genotype.scale
+    out_shapes = [(h, w, genotype.scale)]
+    for c, (ch_h, ch_w, ch) in enumerate(cell_shapes(genotype)):
+        cell = genotype.cells[c]
+        prev = out_shapes[-1]
+        if prev[2] != ch and any(e.src == "x" for e in cell.edges):
+            acts += 3 * ch_h * ch_w * ch  # relu, conv, bn
+            params += prev[2] * ch + 2 * ch
+        if any(e.src == "y" for e in cell.edges):
+            for j, _ in cell.inputs:
+                jh, jw, jc = out_shapes[j]
+                if jc != ch:
+                    acts += jh * jw * jc + 2 * ch_h * ch_w * ch
+                    params += jc * ch + 2 * ch
+                acts += 2 * ch_h * ch_w * ch  # gate output and running sum
+        oh, ow = (_ceil_div(ch_h, 2), _ceil_div(ch_w, 2)) if cell.reduction else (ch_h, ch_w)
+        nodes = {e.dst for e in cell.edges}
+        acts += 2 * len(nodes) * oh * ow * ch  # node sum and node BN
+        params += 2 * ch * len(nodes)
+        out_shapes.append((oh, ow, ch))
+    heads = [len(genotype.cells) - 1] + genotype_lib.head_cells(genotype)
+    for c in heads:
+        oh, ow, ch = out_shapes[c + 1]
+        acts += ch + genotype.num_classes
+        params += ch * genotype.num_classes + genotype.num_classes
+    return acts, params
+
+
+def estimate(genotype, batch):
+    """Analytical training memory of `genotype` at `batch`: dict of bytes and counts."""
+    acts, params = _fixed_cost(genotype)
+    op_acts = op_params = flops = 0
+    for c, cell in enumerate(genotype.cells):
+        for e in cell.edges:
+            for op, _ in e.ops:
+                cost = edge_op_cost(genotype, c, e.src, op)
+                op_acts += cost.activations
+                op_params += cost.params
+                flops += cost.flops
+    total_params = params + op_params
+    total = BYTES * ((acts + op_acts) * batch + PARAM_COPIES * total_params)
+    return {"bytes": total, "mb": total / 2**20, "params": total_params, "flops": flops,
+            "operation_bytes": BYTES * (op_acts * batch + PARAM_COPIES * op_params)}
+
+
+# ---- budget sizing (BONSAINET.md section 5) --------------------------------------
+def _scaled_estimate(genotype, batch, keep):
+    """Memory with every cell's operation memory scaled by `keep` (random choice, expected)."""
+    full = estimate(genotype, batch)
+    return full["bytes"] - (1.0 - keep) * full["operation_bytes"]
+
+
+def size_budget(start, budget_bytes, batch, max_patterns, ops_in_space):
+    """Plans growth under a memory budget.
+
+    Returns (initial pattern count, {n: e_c(n)}): e_c(n) is the largest keep ratio in
+    [1/ops, 1] such that n patterns kept at that ratio plus one new, unpruned pattern
+    fit the budget; absent where even the smallest ratio does not fit.
+    """
+    g = start
+    while genotype_lib.num_patterns(g) > 1:
+        g = dataclasses.replace(g, cells=g.cells[:-len(genotype_lib.pattern_codes(
+            g.patterns, genotype_lib.num_patterns(g) - 1))])
+    genos = [g]
+    while genotype_lib.num_patterns(genos[-1]) < max_patterns + 1:
+        genos.append(genotype_lib.grow(genos[-1]))
+    first = 0
+    for n in range(1, max_patterns + 1):
+        if estimate(genos[n - 1], batch)["bytes"] <= budget_bytes:
+            first = n
+    ratios = {}
+    for n in range(1, max_patterns):
+        old, grown = genos[n - 1], genos[n]
+        new_bytes = estimate(grown, batch)["bytes"] - estimate(old, batch)["bytes"]
+
+        def fits(keep):
+            return _scaled_estimate(old, batch, keep) + new_bytes <= budget_bytes
+        lo, hi = 1.0 / ops_in_space, 1.0
+        if not fits(lo):
+            continue
+        if fits(hi):
+            ratios[n] = 1.0
+            continue
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        ratios[n] = lo
+    return first, ratios
+
+
+def measure_step_peak(step_fn, device="CPU:0"):
+    """Peak allocator bytes above the current level while `step_fn()` runs.
+
+    Uses TensorFlow's allocator statistics (GPU, and CPU on TF 2.21). Returns None
+    where the device does not report them.
+    """
+    import tensorflow as tf
+    try:
+        tf.config.experimental.reset_memory_stats(device)
+        base = tf.config.experimental.get_memory_info(device)["current"]
+    except (ValueError, RuntimeError, tf.errors.OpError):
+        return None
+    step_fn()
+    info = tf.config.experimental.get_memory_info(device)
+    if info["peak"] == 0:
+        return None
+    return max(0, info["peak"] - base)

@@ -1,0 +1,75 @@
+"""SGD with momentum and L2 weight decay over groups of variables with their own rates.
+
+BonsaiNet gives the variables of every grown pattern their own cosine schedule,
+so each group has its own learning-rate variable. Slots are keyed by variable
+path: when the network is rebuilt, `build` keeps the momentum of every surviving
+variable, adds slots for new ones and drops those of removed variables, so the
+optimizer always knows exactly the current variable set.
+"""
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+
+def cosine_lr(epoch, start, end, lr_max, lr_min=0.0):
+    """Cosine annealing from lr_max at `start` to lr_min at `end` (epochs, 0-based)."""
+    if end <= start:
+        return lr_min
+    t = min(max((epoch - start) / (end - start), 0.0), 1.0)
+    return lr_min + 0.5 * (lr_max - lr_min) * (1.0 + math.cos(math.pi * t))
+
+
+class MomentumSGD:
+    def __init__(self, momentum=0.9, weight_decay=3e-4):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        self.momentum, self.weight_decay = momentum, weight_decay
+        self.slots = {}      # variable path -> tf.Variable
+        self.lrs = {}        # group name -> tf.Variable
+        self.plan = []       # [(variable, slot, lr variable, decay)]
+
+    def build(self, groups):
+        """groups: [(group name, [variables], apply weight decay)]."""
+        slots, plan = {}, []
+        for name, variables, decay in groups:
+            if name not in self.lrs:
+                self.lrs[name] = tf.Variable(0.0, trainable=False, name=f"lr_{name}")
+            for v in variables:
+                slot = self.slots.get(v.path)
+                if slot is None or tuple(slot.shape) != tuple(v.shape):
+                    slot = tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False)
+                slots[v.path] = slot
+                plan.append((v, slot, self.lrs[name], decay))
+        self.slots, self.plan = slots, plan
+        return [p[0] for p in plan]
+
+    def set_lr(self, name, value):
+        self.lrs[name].assign(value)
+
+    def apply(self, grads):
+        """Applies gradients given in the order of the variables `build` returned."""
+        mu, wd = self.momentum, self.weight_decay
+        for g, (v, slot, lr, decay) in zip(grads, self.plan):
+            if g is None:
+                continue
+            if decay and wd:
+                g = g + wd * v.value
+            slot.assign(mu * slot + g)
+            v.assign_sub(lr * slot)
+
+    # ---- checkpointing -----------------------------------------------------------
+    def state(self):
+        out = {f"slot/{k}": v.numpy() for k, v in self.slots.items()}
+        out.update({f"lr/{k}": np.asarray(v.numpy()) for k, v in self.lrs.items()})
+        return out
+
+    def load_state(self, arrays):
+        for key, value in arrays.items():
+            if key.startswith("slot/") and key[5:] in self.slots:
+                self.slots[key[5:]].assign(value)
+            elif key.startswith("lr/") and key[3:] in self.lrs:
+                self.lrs[key[3:]].assign(value)

@@ -1,0 +1,712 @@
+"""A Markdown report of a run directory: summary, events, training curves, cells.
+
+Reads only the JSON files a run writes (config.json, metrics.jsonl,
+metrics.json, genotype.json, export.json), so it works on a copied run
+directory, on a run that is still in progress, and without TensorFlow. Every
+file and every key is optional: what is missing is reported as missing.
+
+Figures are drawn through matplotlib's object API on an Agg canvas rather than
+through pyplot, so making a report never switches the caller's global backend
+(a notebook keeps its inline backend) and keeps no figures alive afterwards.
+"""
+
+import json
+import math
+import os
+
+REPORT_NAME = "report.md"
+PLOT_NAMES = ("accuracy", "compression", "params", "memory")
+
+SHORT_OPS = {
+    "sep_conv_3x3": "sep3", "sep_conv_5x5": "sep5",
+    "dil_conv_3x3": "dil3", "dil_conv_5x5": "dil5",
+    "max_pool_3x3": "max", "avg_pool_3x3": "avg",
+    "identity": "id", "conv_3x3": "conv3", "conv_1x1": "conv1", "zero": "zero",
+}
+
+_EVENT_COLOURS = {"deadhead": "#d62728", "grow": "#2ca02c"}
+_OTHER_EVENT_COLOUR = "#7f7f7f"
+_FINAL_SHADE = "#ffe9a8"
+_DPI = 120
+
+
+# ---- reading a run directory ------------------------------------------------
+def _read_json(path):
+    """The parsed file, or None where it is missing or half-written."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _read_object(path):
+    d = _read_json(path)
+    return d if isinstance(d, dict) else None
+
+
+def read_records(path):
+    """The per-epoch records of a metrics.jsonl; unreadable lines are skipped
+    because the last line of a running search may be half-written."""
+    records = []
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except OSError:
+        return records
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
+
+
+def _number(v):
+    """A finite float, or None: keys may be null, missing or of an older type."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _epochs(records):
+    out = []
+    for i, rec in enumerate(records):
+        e = _number(rec.get("epoch"))
+        out.append(e if e is not None else float(i + 1))
+    return out
+
+
+def _series(records, key):
+    return [_number(rec.get(key)) for rec in records]
+
+
+def _events(rec):
+    ev = rec.get("events")
+    if isinstance(ev, str):
+        ev = [ev]
+    if not isinstance(ev, (list, tuple)):
+        return []
+    return [str(e) for e in ev if e not in (None, "")]
+
+
+def _event_kind(text):
+    return text.split(":", 1)[0].strip().lower()
+
+
+# ---- training curves ---------------------------------------------------------
+def _new_figure(size):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=_DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _spans(epochs, flags):
+    """Contiguous runs of flagged epochs as (first, last) pairs."""
+    spans, start, prev = [], None, None
+    for e, f in zip(epochs, flags):
+        if f and start is None:
+            start = e
+        if not f and start is not None:
+            spans.append((start, prev))
+            start = None
+        prev = e
+    if start is not None:
+        spans.append((start, prev))
+    return spans
+
+
+def _decorate(ax, records, epochs):
+    """Final-phase shading and event lines, shared by every curve plot so that a
+    jump in any curve can be read against the deadhead or growth that caused it."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = []
+    finals = [rec.get("phase") == "final" for rec in records]
+    for first, last in _spans(epochs, finals):
+        ax.axvspan(first - 0.5, last + 0.5, color=_FINAL_SHADE, alpha=0.6, zorder=0, lw=0)
+    if any(finals):
+        handles.append(Patch(color=_FINAL_SHADE, alpha=0.6, label="final phase"))
+    seen = {}
+    for rec, e in zip(records, epochs):
+        evs = _events(rec)
+        if not evs:
+            continue
+        kinds = sorted({_event_kind(t) for t in evs})
+        # Side by side where one epoch both deadheads and grows, so neither hides.
+        for i, kind in enumerate(kinds):
+            colour = _EVENT_COLOURS.get(kind, _OTHER_EVENT_COLOUR)
+            ax.axvline(e + 0.08 * (i - (len(kinds) - 1) / 2), color=colour, ls=":", lw=1.2,
+                       zorder=1)
+            seen.setdefault(kind, colour)
+    for kind, colour in seen.items():
+        handles.append(Line2D([], [], color=colour, ls=":", lw=1.2, label=kind))
+    return handles
+
+
+def _curve_plot(records, epochs, lines, title, ylabel, path, formatter=None, hlines=()):
+    """One plot of `lines` ((label, values, style), ...) against epoch."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _new_figure((8.0, 3.8))
+    ax = fig.add_subplot(1, 1, 1)
+    handles = _decorate(ax, records, epochs)
+    plotted = False
+    for label, values, style in lines:
+        xs = [e for e, v in zip(epochs, values) if v is not None]
+        if not xs:
+            continue
+        # NaN breaks the line at missing epochs instead of bridging over them.
+        ys = [math.nan if v is None else v for v in values]
+        ax.plot(epochs, ys, marker="o", ms=3.5, label=label, zorder=3, **style)
+        plotted = True
+    for i, (value, label) in enumerate(hlines):
+        ax.axhline(value, color="#555555", ls="--", lw=1.0, zorder=2,
+                   label=label if i == 0 else None)
+    if not plotted:
+        ax.text(0.5, 0.5, "no data recorded", transform=ax.transAxes, ha="center",
+                va="center", color="#888888")
+    if epochs:
+        lo, hi = min(epochs), max(epochs)
+        ax.set_xlim(lo - 0.6, hi + 0.6)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if formatter is not None:
+        ax.yaxis.set_major_formatter(formatter)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    h, _ = ax.get_legend_handles_labels()
+    if h or handles:
+        # Outside the axes: a legend inside would hide late epochs, where the
+        # curves matter most.
+        ax.legend(handles=h + handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  borderaxespad=0.0, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def plot_metrics(records, out_dir):
+    """Writes accuracy.png, compression.png, params.png and memory.png into out_dir
+    from per-epoch records (the lines of metrics.jsonl); returns their paths.
+
+    Every plot is written even without data, so a report's links never break.
+    """
+    from matplotlib.ticker import EngFormatter
+
+    os.makedirs(out_dir, exist_ok=True)
+    records = [r for r in records if isinstance(r, dict)]
+    epochs = _epochs(records)
+    paths = []
+
+    def out(name):
+        return os.path.join(out_dir, name + ".png")
+
+    paths.append(_curve_plot(
+        records, epochs,
+        [("validation", _series(records, "val_accuracy"), {"color": "#1f77b4"}),
+         ("training", _series(records, "train_accuracy"), {"color": "#ff7f0e"})],
+        "Accuracy", "accuracy", out("accuracy")))
+
+    targets = sorted({v for v in _series(records, "target") if v is not None})
+    paths.append(_curve_plot(
+        records, epochs,
+        [("compression", _series(records, "compression"), {"color": "#9467bd"}),
+         ("aim", _series(records, "aim"), {"color": "#8c564b", "ls": "-.", "lw": 1.0})],
+        "Compression", "compression", out("compression"),
+        hlines=[(t, "growth threshold (target)") for t in targets]))
+
+    paths.append(_curve_plot(
+        records, epochs,
+        [("parameters", _series(records, "params"), {"color": "#17becf"})],
+        "Parameters", "parameters", out("params"), formatter=EngFormatter()))
+
+    paths.append(_curve_plot(
+        records, epochs,
+        [("predicted", _series(records, "memory_mb"), {"color": "#e377c2"}),
+         ("measured", _series(records, "memory_measured_mb"), {"color": "#7f7f7f"})],
+        "Training memory", "memory (MB)", out("memory")))
+    return paths
+
+
+# ---- cell pictures ------------------------------------------------------------
+def _node_id(v):
+    """'x', 'y' or an int node index; JSON writers may have stringified the int."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, str):
+        s = v.strip()
+        if s in ("x", "y"):
+            return s
+        if s.lstrip("-").isdigit():
+            return int(s)
+    return None
+
+
+def _ops_of(edge):
+    """Surviving (name, weight) pairs, strongest first."""
+    ops = edge.get("ops")
+    if isinstance(ops, dict):
+        items = [(str(k), _number(w)) for k, w in ops.items()]
+    elif isinstance(ops, (list, tuple)):
+        items = [(str(k), None) for k in ops]
+    else:
+        items = []
+    return sorted(items, key=lambda kw: -(kw[1] if kw[1] is not None else -math.inf))
+
+
+def _cell_inputs(cell):
+    inputs = cell.get("inputs")
+    if isinstance(inputs, dict):
+        pairs = list(inputs.items())
+    elif isinstance(inputs, (list, tuple)):
+        pairs = [(k, None) for k in inputs]
+    else:
+        pairs = []
+    out = []
+    for k, w in pairs:
+        j = _node_id(k)
+        if isinstance(j, int):
+            out.append((j, _number(w)))
+    return sorted(out)
+
+
+def _input_name(j):
+    return "stem" if j == 0 else f"c{j - 1}"
+
+
+def _cell_edges(cell):
+    """Edges with at least one operation, as (src, dst, [(op, weight), ...])."""
+    edges = []
+    raw = cell.get("edges")
+    for e in raw if isinstance(raw, (list, tuple)) else []:
+        if not isinstance(e, dict):
+            continue
+        src, dst = _node_id(e.get("from")), _node_id(e.get("to"))
+        ops = _ops_of(e)
+        if src is None or not isinstance(dst, int) or not ops:
+            continue
+        edges.append((src, dst, ops))
+    order = {"x": -2, "y": -1}
+    edges.sort(key=lambda t: (t[1], order.get(t[0], t[0])))
+    return edges
+
+
+def _cell_nodes(cell, edges):
+    n = _number(cell.get("nodes"))
+    if n is not None and n >= 1:
+        return int(n)
+    ends = [d for _, d, _ in edges] + [s for s, _, _ in edges if isinstance(s, int)]
+    return max(ends) + 1 if ends else 1
+
+
+def _alive(nodes, edges, has_y):
+    """Nodes fed from an input and feeding the output; the same rule as
+    bonsai_tf.genotype's dead-node removal, restated here on plain dicts."""
+    usable = [(s, d) for s, d, _ in edges if not (s == "y" and not has_y)]
+    fed = set()
+    for dst in range(nodes):
+        if any(d == dst and (s in ("x", "y") or s in fed) for s, d in usable):
+            fed.add(dst)
+    useful = {nodes - 1} if nodes - 1 in fed else set()
+    for src in reversed(range(nodes)):
+        if src in fed and any(s == src and d in useful for s, d in usable):
+            useful.add(src)
+    return fed & useful
+
+
+def _bezier(p0, p2, rad, t):
+    # Matplotlib's arc3 control point; valid in data units because the axes
+    # keep an equal aspect, so data and display coordinates differ by a scale.
+    (x0, y0), (x2, y2) = p0, p2
+    cx = (x0 + x2) / 2 + rad * (y2 - y0)
+    cy = (y0 + y2) / 2 - rad * (x2 - x0)
+    a, b, c = (1 - t) ** 2, 2 * t * (1 - t), t * t
+    return a * x0 + b * cx + c * x2, a * y0 + b * cy + c * y2
+
+
+def _overlap(r1, r2):
+    w = min(r1[2], r2[2]) - max(r1[0], r2[0])
+    h = min(r1[3], r2[3]) - max(r1[1], r2[1])
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def draw_cell(cell, path, title):
+    """Draws one genotype cell as a PNG: inputs x and y on the left, nodes
+    0..nodes-1 left to right (the last is the output), one arrow per surviving
+    edge labelled with its operations. Dead nodes and their edges are grey."""
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    unit = 0.55                                 # inches per data unit
+    edges = _cell_edges(cell)
+    nodes = _cell_nodes(cell, edges)
+    inputs = _cell_inputs(cell)
+    has_y = bool(inputs)
+    alive = _alive(nodes, edges, has_y)
+    reduction = cell.get("kind") == "reduction"
+    live_fill = "#fdd9b5" if reduction else "#cfe2f3"
+    live_edge = "#c45a00" if reduction else "#2b5d8a"
+    grey = "#b0b0b0"
+
+    fig = _new_figure((6, 4))
+    renderer = fig.canvas.get_renderer()
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.set_axis_off()
+
+    def size_of(text):
+        bb = text.get_window_extent(renderer)
+        return bb.width / fig.dpi / unit, bb.height / fig.dpi / unit
+
+    # y's label lists the earlier outputs it sums; wrapped so a late cell with
+    # many kept inputs does not produce one very wide box.
+    terms = [_input_name(j) for j, _ in inputs]
+    if terms:
+        rows = [" + ".join(terms[i:i + 3]) for i in range(0, len(terms), 3)]
+        y_label = "y = " + " +\n     ".join(rows)
+    else:
+        y_label = "y (no inputs)"
+
+    boxes = {}                                  # id -> (cx, cy, w, h, text, alive)
+    labels = {"x": "x", "y": y_label}
+    for k in range(nodes):
+        labels[k] = f"{k} (out)" if k == nodes - 1 else str(k)
+    sizes = {}
+    texts = {}
+    for key, label in labels.items():
+        t = ax.text(0, 0, label, ha="center", va="center", fontsize=10, zorder=5,
+                    multialignment="left",
+                    fontweight="bold" if key == nodes - 1 else "normal")
+        texts[key] = t
+        w, h = size_of(t)
+        sizes[key] = (max(w + 0.5, 1.0), max(h + 0.35, 0.7))
+
+    in_w = max(sizes["x"][0], sizes["y"][0])
+    gap, dy_in = 2.6, 1.9
+    boxes["x"] = (0.0, dy_in, sizes["x"][0], sizes["x"][1], True)
+    boxes["y"] = (0.0, -dy_in, sizes["y"][0], sizes["y"][1], has_y)
+    x_pos = in_w / 2 + gap
+    for k in range(nodes):
+        w, h = sizes[k]
+        boxes[k] = (x_pos + w / 2, 0.0, w, h, k in alive)
+        x_pos += w + gap
+
+    patches = {}
+    for key, (cx, cy, w, h, ok) in boxes.items():
+        is_input = key in ("x", "y")
+        patch = FancyBboxPatch(
+            (cx - w / 2, cy - h / 2), w, h, boxstyle="round,pad=0,rounding_size=0.2",
+            facecolor=("#eeeeee" if is_input else live_fill) if ok else "#f4f4f4",
+            edgecolor=("#333333" if is_input else live_edge) if ok else grey,
+            ls="-" if ok else "--", lw=1.4, zorder=4)
+        ax.add_patch(patch)
+        patches[key] = patch
+        texts[key].set_position((cx, cy))
+        texts[key].set_color("#111111" if ok else "#999999")
+
+    # Arcs keep edges that skip nodes from crossing them: x edges bow upwards,
+    # y edges downwards, node-to-node skips alternate above and below the row.
+    colours = {"x": "#1f5fa8", "y": "#2a8a3a"}
+    obstacles = [(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+                 for cx, cy, w, h, _ in boxes.values()]
+    placed = []
+    curves = []
+    for src, dst, ops in edges:
+        if src not in boxes or dst not in boxes:
+            continue
+        ok = boxes[src][4] and boxes[dst][4]
+        p0, p2 = boxes[src][:2], boxes[dst][:2]
+        if src == "x":
+            rad = -min(0.08 * dst, 0.3)
+        elif src == "y":
+            rad = min(0.08 * dst, 0.3)
+        else:
+            span = dst - src
+            rad = 0.0 if span == 1 else (0.28 if span % 2 else -0.28)
+        colour = colours.get(src, "#444444") if ok else grey
+        arrow = FancyArrowPatch(
+            p0, p2, connectionstyle=f"arc3,rad={rad}", arrowstyle="-|>", mutation_scale=14,
+            color=colour, lw=1.3, ls="-" if ok else "--", zorder=2,
+            patchA=patches[src], patchB=patches[dst], shrinkA=1, shrinkB=1)
+        ax.add_patch(arrow)
+        curves.append((p0, p2, rad))
+        names = [SHORT_OPS.get(n, n) for n, _ in ops]
+        if len(names) > 4:
+            names = [", ".join(names[i:i + 2]) for i in range(0, len(names), 2)]
+        t = ax.text(0, 0, "\n".join(names), ha="center", va="center", fontsize=8,
+                    color=colour if ok else "#999999", zorder=6, linespacing=1.1,
+                    bbox=dict(boxstyle="round,pad=0.2", fc="white", ec=colour, lw=0.8,
+                              alpha=0.95))
+        w, h = size_of(t)
+        best = None
+        # Slides the label along its arrow to the first spot clear of boxes and
+        # earlier labels; where none is clear, the least covered spot wins.
+        for frac in (0.5, 0.4, 0.6, 0.32, 0.68, 0.25, 0.75, 0.2, 0.8):
+            px, py = _bezier(p0, p2, rad, frac)
+            rect = (px - w / 2, py - h / 2, px + w / 2, py + h / 2)
+            cost = sum(_overlap(rect, o) for o in obstacles + placed)
+            if best is None or cost < best[0]:
+                best = (cost, px, py, rect)
+            if cost == 0:
+                break
+        _, px, py, rect = best
+        t.set_position((px, py))
+        placed.append(rect)
+
+    # Limits cover boxes, labels and arc bulges; the figure is then sized so one
+    # data unit is `unit` inches on both axes, which the label maths assumes.
+    rects = obstacles + placed
+    for p0, p2, rad in curves:
+        px, py = _bezier(p0, p2, rad, 0.5)
+        rects.append((px, py, px, py))
+    x0 = min(r[0] for r in rects) - 0.4
+    x1 = max(r[2] for r in rects) + 0.4
+    y0 = min(r[1] for r in rects) - 0.4
+    y1 = max(r[3] for r in rects) + 0.4
+    title_t = ax.text(0, 0, title, ha="center", va="bottom", fontsize=12, fontweight="bold",
+                      color=live_edge)
+    tw, th = size_of(title_t)
+    x0, x1 = min(x0, (x0 + x1) / 2 - tw / 2 - 0.3), max(x1, (x0 + x1) / 2 + tw / 2 + 0.3)
+    title_t.set_position(((x0 + x1) / 2, y1 + 0.15))
+    y1 += th + 0.5
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    ax.set_aspect("equal")
+    fig.set_size_inches((x1 - x0) * unit, (y1 - y0) * unit)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, facecolor="white")
+    return path
+
+
+# ---- the report -----------------------------------------------------------------
+def _fmt(v, digits=4):
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        if v.is_integer() and abs(v) >= 1000:
+            return f"{int(v):,}"
+        if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
+            return f"{v:.{digits}g}"
+        return f"{v:.{digits}f}".rstrip("0").rstrip(".")
+    return _md(str(v))
+
+
+def _fmt_seconds(v):
+    v = _number(v)
+    if v is None:
+        return "–"
+    if v < 60:
+        return f"{v:.1f} s"
+    m, s = divmod(int(round(v)), 60)
+    h, m = divmod(m, 60)
+    return f"{v:,.0f} s ({h}h {m:02d}m {s:02d}s)" if h else f"{v:,.0f} s ({m}m {s:02d}s)"
+
+
+def _md(text):
+    # Pipes would split a table cell; newlines would end the row.
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _first(*values):
+    for v in values:
+        if v is not None:
+            return v
+    return None
+
+
+def _last_value(records, key):
+    for rec in reversed(records):
+        v = rec.get(key)
+        if v is not None:
+            return v
+    return None
+
+
+def _summary_rows(config, metrics, records):
+    config, metrics = config or {}, metrics or {}
+    vals = [(v, e) for v, e in zip(_series(records, "val_accuracy"), _epochs(records))
+            if v is not None]
+    best = max(vals, key=lambda ve: ve[0]) if vals else None
+    epochs = _epochs(records)
+    rows = [
+        ("dataset", _fmt(config.get("dataset"))),
+        ("strategy", _fmt(config.get("strategy"))),
+        ("search space", _fmt(_first(config.get("space"), metrics.get("space")))),
+        ("test accuracy", _fmt(_number(metrics.get("test_accuracy")))),
+        ("best val accuracy",
+         f"{_fmt(best[0])} (epoch {int(best[1])})" if best else "–"),
+        ("params", _fmt(_first(metrics.get("params"), _last_value(records, "params")))),
+        ("cells", _fmt(_first(metrics.get("cells"), _last_value(records, "cells")))),
+        ("final compression",
+         _fmt(_first(metrics.get("compression"), _last_value(records, "compression")))),
+        ("epochs recorded", _fmt(int(max(epochs))) if epochs else "0"),
+        ("search seconds", _fmt_seconds(metrics.get("search_seconds"))),
+        ("total seconds", _fmt_seconds(
+            _first(metrics.get("total_seconds"), _last_value(records, "seconds")))),
+        ("genotype hash",
+         f"`{_md(metrics['genotype_hash'])}`" if metrics.get("genotype_hash") else "–"),
+    ]
+    return rows
+
+
+def _cell_listing(cell, c):
+    edges = _cell_edges(cell)
+    nodes = _cell_nodes(cell, edges)
+    inputs = _cell_inputs(cell)
+    alive = _alive(nodes, edges, bool(inputs))
+    kind = cell.get("kind", "?")
+    lines = []
+    facts = [f"{_md(kind)}", f"{_fmt(cell.get('channels'))} channels", f"{nodes} nodes"]
+    if cell.get("aux"):
+        facts.append("auxiliary head")
+    lines.append(f"### Cell {c}: " + ", ".join(facts))
+    lines.append("")
+    lines.append(f"![cell {c}](cell_{c:02d}.png)")
+    lines.append("")
+    if inputs:
+        y = " + ".join(f"{_input_name(j)} ({_fmt(w, 3)})" if w is not None else _input_name(j)
+                       for j, w in inputs)
+        lines.append(f"y = {y}")
+    else:
+        lines.append("y: no inputs (the y input was pruned)")
+    lines.append("")
+    if edges:
+        lines.append("| from | to | operations (gate weight) |")
+        lines.append("|---|---|---|")
+        for src, dst, ops in edges:
+            dead = not ((src in ("x", "y") or src in alive) and dst in alive) or (
+                src == "y" and not inputs)
+            ops_txt = ", ".join(f"{n} ({_fmt(w, 3)})" if w is not None else n for n, w in ops)
+            to = f"{dst} (out)" if dst == nodes - 1 else str(dst)
+            lines.append(f"| {_md(src)} | {to} | {_md(ops_txt)}{' *(dead)*' if dead else ''} |")
+        lines.append("")
+    else:
+        lines.append("No edges.")
+        lines.append("")
+    dead_nodes = [k for k in range(nodes) if k not in alive]
+    if dead_nodes:
+        lines.append("Dead nodes (no path from an input to the output): "
+                     + ", ".join(str(k) for k in dead_nodes) + ".")
+        lines.append("")
+    return lines
+
+
+def _export_lines(export):
+    arts = export.get("artifacts") if isinstance(export, dict) else None
+    if not isinstance(arts, dict) or not arts:
+        return ["export.json lists no artifacts.", ""]
+    columns = [c for c in ("size_bytes", "accuracy", "max_abs_diff", "top1_agreement")
+               if any(isinstance(a, dict) and a.get(c) is not None for a in arts.values())]
+    lines = ["| artifact | " + " | ".join(columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for name, a in arts.items():
+        a = a if isinstance(a, dict) else {}
+        cells = []
+        for c in columns:
+            v = a.get(c)
+            cells.append(_fmt(_number(v) if _number(v) is not None else v))
+        lines.append(f"| {_md(name)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def write_report(run_dir):
+    """Writes report.md and its PNGs into run_dir; returns the report's path."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"run directory {run_dir!r} does not exist; expected a "
+                                f"directory holding config.json and metrics.jsonl")
+    config = _read_object(os.path.join(run_dir, "config.json"))
+    metrics = _read_object(os.path.join(run_dir, "metrics.json"))
+    records = read_records(os.path.join(run_dir, "metrics.jsonl"))
+    genotype = _read_object(os.path.join(run_dir, "genotype.json"))
+    export = _read_object(os.path.join(run_dir, "export.json"))
+
+    name = os.path.basename(os.path.normpath(os.path.abspath(run_dir)))
+    lines = [f"# Run report: {_md(name)}", ""]
+    if metrics is None:
+        lines.append(f"**In progress**: no metrics.json yet; {len(records)} epoch(s) recorded.")
+    else:
+        lines.append("Finished run.")
+    lines.append("")
+
+    lines += ["## Summary", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in _summary_rows(config, metrics, records)]
+    lines.append("")
+
+    lines += ["## Events", ""]
+    timeline = [(e, ev) for rec, e in zip(records, _epochs(records)) for ev in _events(rec)]
+    if timeline:
+        lines += [f"- epoch {int(e)}: {_md(ev)}" for e, ev in timeline]
+    else:
+        lines.append("No deadhead or growth events recorded.")
+    lines.append("")
+
+    lines += ["## Training curves", ""]
+    if not records:
+        lines += ["No epochs recorded yet.", ""]
+    else:
+        for p in plot_metrics(records, run_dir):
+            stem = os.path.splitext(os.path.basename(p))[0]
+            lines += [f"![{stem}]({os.path.basename(p)})", ""]
+        lines += ["Dotted vertical lines mark epochs with events; the shaded band is the "
+                  "final (fixed architecture) phase.", ""]
+
+    lines += ["## Cells", ""]
+    cells = genotype.get("cells") if genotype else None
+    if not isinstance(cells, list) or not cells:
+        lines += ["No genotype.json yet." if genotype is None else "The genotype lists no cells.",
+                  ""]
+    else:
+        facts = []
+        for key in ("space", "nodes", "scale"):
+            if genotype.get(key) is not None:
+                facts.append(f"{key} {_md(genotype[key])}")
+        if isinstance(genotype.get("patterns"), list):
+            facts.append("patterns " + _md(json.dumps(genotype["patterns"])))
+        lines += [f"{len(cells)} cells" + (": " + ", ".join(facts) if facts else "") + ".", ""]
+        for c, cell in enumerate(cells):
+            if not isinstance(cell, dict):
+                lines += [f"### Cell {c}", "", "Malformed cell entry.", ""]
+                continue
+            kind = str(cell.get("kind", "?"))
+            title = f"Cell {c}: {kind}" + (" (stride 2)" if kind == "reduction" else "")
+            if cell.get("channels") is not None:
+                title += f", {cell['channels']} channels"
+            draw_cell(cell, os.path.join(run_dir, f"cell_{c:02d}.png"), title)
+            lines += _cell_listing(cell, c)
+
+    if export is not None:
+        lines += ["## Export", ""] + _export_lines(export)
+
+    if config:
+        lines += ["<details><summary>Configuration</summary>", "", "```json",
+                  json.dumps(config, indent=1, sort_keys=True, default=str), "```", "",
+                  "</details>", ""]
+
+    path = os.path.join(run_dir, REPORT_NAME)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines).rstrip("\n") + "\n")
+    # Atomic so a viewer polling a running search never sees half a report.
+    os.replace(tmp, path)
+    return path

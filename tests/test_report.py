@@ -1,0 +1,191 @@
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from bonsai_tf import report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _records():
+    base = {"phase": "search", "cells": 2, "patterns": 1, "target": 0.6, "aim": None,
+            "val_loss": 0.9, "train_loss": 1.0, "lr": 0.025, "memory_measured_mb": None,
+            "events": []}
+    recs = []
+    for e in range(1, 7):
+        r = dict(base, epoch=e, params=120_000 - 8_000 * e, compression=1.0 - 0.08 * e,
+                 val_accuracy=0.5 + 0.06 * e, train_accuracy=0.45 + 0.07 * e,
+                 memory_mb=310.0 - 6 * e, seconds=40.0 * e, epoch_seconds=40.0)
+        recs.append(r)
+    recs[1]["val_accuracy"] = None
+    recs[2]["events"] = ["deadhead: removed 12 operations, 1 input"]
+    recs[3]["events"] = ["grow: pattern 2, cells 3-4"]
+    recs[3]["target"] = 0.45
+    recs[3]["memory_measured_mb"] = 290.0
+    for r in recs[4:]:
+        r["phase"] = "final"
+    return recs
+
+
+GENOTYPE = {
+    "format": "bonsai-tf/genotype", "version": 1, "space": "bonsai7",
+    "input_shape": [28, 28, 1], "num_classes": 10, "scale": 16, "nodes": 3,
+    "patterns": [["n"], ["r"]],
+    "cells": [
+        {"kind": "normal", "channels": 16, "nodes": 3, "aux": False,
+         "inputs": {"0": 0.1},
+         "edges": [
+             {"from": "x", "to": 0, "ops": {"sep_conv_3x3": 0.12, "identity": 0.05}},
+             {"from": "y", "to": 0, "ops": {"max_pool_3x3": 0.1}},
+             {"from": 0, "to": 2, "ops": {"dil_conv_3x3": 0.3}},
+             {"from": "x", "to": 2, "ops": {"avg_pool_3x3": 0.1}},
+             # Node 1 is fed but feeds nothing: dead.
+             {"from": "x", "to": 1, "ops": {"sep_conv_5x5": 0.2}},
+             {"from": "y", "to": 1, "ops": {}},
+         ]},
+        {"kind": "reduction", "channels": 32, "nodes": 3, "aux": True,
+         "inputs": {"0": 0.1, "1": 0.2},
+         "edges": [
+             {"from": "x", "to": 0, "ops": {"max_pool_3x3": 0.4, "sep_conv_5x5": 0.2,
+                                            "dil_conv_5x5": 0.1}},
+             {"from": "y", "to": 1, "ops": {"avg_pool_3x3": 0.3}},
+             {"from": 0, "to": 1, "ops": {"identity": 0.2}},
+             {"from": 1, "to": 2, "ops": {"sep_conv_3x3": 0.2, "dil_conv_3x3": 0.1}},
+             {"from": 0, "to": 2, "ops": {"identity": 0.15}},
+             {"from": "y", "to": 2, "ops": {"dil_conv_5x5": 0.12}},
+         ]},
+    ],
+}
+
+
+def _write_run(run, records, metrics=True, genotype=True, export=True):
+    run.mkdir(exist_ok=True)
+    (run / "config.json").write_text(json.dumps(
+        {"dataset": "fashion_mnist", "strategy": "bonsai", "space": "bonsai7", "scale": 16}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if metrics:
+        (run / "metrics.json").write_text(json.dumps({
+            "test_accuracy": 0.8731, "params": 72_000, "search_seconds": 160.0,
+            "total_seconds": 3725.5, "genotype_hash": "3f2a9c0d11b4e5f6", "cells": 2,
+            "compression": 0.52}))
+    if genotype:
+        (run / "genotype.json").write_text(json.dumps(GENOTYPE))
+    if export:
+        (run / "export.json").write_text(json.dumps({"artifacts": {
+            "saved_model": {"size_bytes": 912_345, "accuracy": 0.8731},
+            "model.tflite": {"size_bytes": 301_002, "accuracy": 0.8731, "max_abs_diff": 2.1e-6,
+                             "top1_agreement": 1.0},
+            "model_int8.tflite": {"size_bytes": 91_004, "accuracy": 0.8702,
+                                  "top1_agreement": 0.992}}}))
+    return run
+
+
+def _assert_png(path):
+    assert os.path.isfile(path), path
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data.startswith(PNG_MAGIC), path
+    assert len(data) > 2000, (path, len(data))
+
+
+def _referenced_pngs(text):
+    return re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", text)
+
+
+def test_full_run(tmp_path):
+    run = _write_run(tmp_path / "fmnist_bonsai_s0", _records())
+    path = report.write_report(str(run))
+    assert path == str(run / "report.md")
+    text = (run / "report.md").read_text()
+
+    assert text.startswith("# Run report: fmnist_bonsai_s0")
+    assert "0.8731" in text
+    assert "3f2a9c0d11b4e5f6" in text
+    assert "fashion_mnist" in text and "bonsai" in text
+    assert "0.86 (epoch 6)" in text                     # best val accuracy
+    assert "- epoch 3: deadhead: removed 12 operations, 1 input" in text
+    assert "- epoch 4: grow: pattern 2, cells 3-4" in text
+    assert "y = stem (0.1) + c0 (0.2)" in text
+    assert "Dead nodes (no path from an input to the output): 1." in text
+    assert "| model_int8.tflite | 91,004 | 0.8702 | – | 0.992 |" in text
+
+    pngs = _referenced_pngs(text)
+    for name in ("accuracy.png", "compression.png", "params.png", "memory.png",
+                 "cell_00.png", "cell_01.png"):
+        assert name in pngs
+    assert len([p for p in pngs if p.startswith("cell_")]) == len(GENOTYPE["cells"])
+    for p in pngs:
+        _assert_png(run / p)
+
+    # Rewriting over an existing report works and gives the same text.
+    report.write_report(str(run))
+    assert (run / "report.md").read_text() == text
+
+
+def test_run_in_progress_with_one_epoch(tmp_path):
+    run = _write_run(tmp_path / "running", _records()[:1], metrics=False, genotype=False,
+                     export=False)
+    text = open(report.write_report(str(run))).read()
+    assert "In progress" in text
+    assert "No genotype.json yet." in text
+    assert "## Export" not in text
+    pngs = _referenced_pngs(text)
+    assert len(pngs) == 4
+    for p in pngs:
+        _assert_png(run / p)
+
+
+def test_missing_keys_and_bad_lines(tmp_path):
+    run = tmp_path / "old"
+    run.mkdir()
+    lines = [json.dumps({"epoch": 1}), json.dumps({}),
+             json.dumps({"epoch": 3, "val_accuracy": None, "events": None, "params": "n/a",
+                         "phase": "final", "compression": float("nan")}),
+             "[1, 2]", '{"epoch": 4, "val_acc']          # a half-written last line
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (run / "metrics.json").write_text("{not json")
+    (run / "genotype.json").write_text(json.dumps({"cells": [
+        {"edges": [{"from": "x", "to": 0, "ops": {"conv_3x3": 1.0}}, {"bad": 1}, "junk"]},
+        "junk"]}))
+    (run / "export.json").write_text(json.dumps({"artifacts": {"m": "junk"}}))
+    text = open(report.write_report(str(run))).read()
+    assert "## Summary" in text and "### Cell 1" in text
+    for p in _referenced_pngs(text):
+        _assert_png(run / p)
+
+
+def test_empty_run_dir_and_missing_dir(tmp_path):
+    text = open(report.write_report(str(tmp_path))).read()
+    assert "No epochs recorded yet." in text
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        report.write_report(str(tmp_path / "nope"))
+
+
+def test_plot_metrics_writes_four_plots(tmp_path):
+    paths = report.plot_metrics(_records(), str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == [
+        "accuracy.png", "compression.png", "params.png", "memory.png"]
+    for p in paths:
+        _assert_png(p)
+
+
+def test_draw_cell_without_y_and_with_string_indices(tmp_path):
+    cell = {"kind": "normal", "channels": 8, "nodes": 4, "inputs": {},
+            "edges": [{"from": "y", "to": 0, "ops": {"identity": 0.2}},
+                      {"from": "x", "to": "0", "ops": ["sep_conv_3x3"]},
+                      {"from": "0", "to": 3, "ops": {"conv_1x1": 0.1, "zero": 0.0}},
+                      {"from": 1, "to": 2, "ops": {"sep_conv_5x5": 0.1}}]}
+    path = report.draw_cell(cell, str(tmp_path / "sub" / "c.png"), "Cell 7: normal")
+    _assert_png(path)
+    assert report._alive(4, report._cell_edges(cell), False) == {0, 3}
+
+
+def test_report_does_not_import_tensorflow():
+    code = ("import sys, bonsai_tf.report; "
+            "sys.exit(int('tensorflow' in sys.modules or 'matplotlib.pyplot' in sys.modules))")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
