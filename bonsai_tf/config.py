@@ -28,6 +28,7 @@ class RunConfig:
     space: str = "bonsai7"
     scale: int = 16
     nodes: int = 4
+    stem_stride: int = 1           # 2: halve the resolution in the stem (cheap CPU searches)
     patterns: tuple = (("n", "na"), ("r",))
     max_patterns: int = 0          # 0 = as many as the spatial size allows
     reduction_target: int = 2
@@ -62,7 +63,7 @@ class RunConfig:
         def check(cond, name, expected):
             if not cond:
                 raise ConfigError(f"{name} = {getattr(self, name)!r}; expected {expected}")
-        ints = ("val_size", "train_subset", "final_subset", "scale", "nodes", "max_patterns",
+        ints = ("val_size", "train_subset", "final_subset", "scale", "nodes", "stem_stride", "max_patterns",
                 "reduction_target", "epochs", "search_epochs", "batch_size", "prune_interval",
                 "cycle_len", "seed", "steps_per_epoch")
         for name in ints:
@@ -78,6 +79,7 @@ class RunConfig:
         check(self.space in space_lib.SPACES, "space", f"one of {sorted(space_lib.SPACES)}")
         check(self.scale >= 1, "scale", ">= 1")
         check(1 <= self.nodes <= 16, "nodes", "in [1, 16]")
+        check(self.stem_stride in (1, 2), "stem_stride", "1 or 2")
         check(self.max_patterns >= 0, "max_patterns", ">= 0")
         check(self.reduction_target >= 1, "reduction_target", ">= 1")
         check(self.epochs >= 1, "epochs", ">= 1")

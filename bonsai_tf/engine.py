@@ -74,8 +74,10 @@ class Run:
         self.augment = config.augment or info.augment
         self.total_epochs = config.epochs
         self.search_epochs = config.resolved_search_epochs
-        self.max_patterns = config.max_patterns or genotype_lib.max_patterns(
-            config.patterns, min(self.input_shape[:2]), config.reduction_target)
+        spatial_cap = genotype_lib.max_patterns(
+            config.patterns, -(-min(self.input_shape[:2]) // config.stem_stride),
+            config.reduction_target)
+        self.max_patterns = min(config.max_patterns or spatial_cap, spatial_cap)
         self.net = None
         self.state = None
         self.records = []
@@ -87,7 +89,8 @@ class Run:
         st = State(genotype=None, built_bytes={}, ratios={}, group_start={}, events=[])
         if cfg.strategy == "bonsai":
             start = genotype_lib.initial(cfg.space, self.input_shape, self.num_classes, cfg.scale,
-                                         cfg.nodes, cfg.patterns, 1, cfg.init_weight)
+                                         cfg.nodes, cfg.patterns, 1, cfg.init_weight,
+                                         stem_stride=cfg.stem_stride)
             n = 1
             if cfg.memory_budget_mb > 0:
                 budget = cfg.memory_budget_mb * 2**20
@@ -135,7 +138,7 @@ class Run:
 
     def _build_network(self):
         cfg, st = self.cfg, self.state
-        g = genotype_lib.Genotype.from_dict(st.genotype)
+        g = _in_space_order(genotype_lib.Genotype.from_dict(st.genotype))
         if st.phase == "search":
             self.net = network_lib.Network(g, self.mean, self.std, with_pruners=True,
                                            drop_path=cfg.drop_path, seed=cfg.seed)
@@ -243,6 +246,7 @@ class Run:
                                       input_signature=spec + [scal, scal])
         self.eval_step = tf.function(eval_step, jit_compile=cfg.jit_compile or None,
                                      input_signature=spec)
+        self.compression_loss = compression
         self._measure_next = cfg.measure_memory
 
     # ---- the loop -----------------------------------------------------------------
@@ -257,17 +261,21 @@ class Run:
             log.info("resuming %s at epoch %d (%s phase)", self.run_dir, self.state.epoch,
                      self.state.phase)
         else:
-            if cfg.deterministic or cfg.seed is not None:
-                keras.utils.set_random_seed(cfg.seed)
+            keras.utils.set_random_seed(cfg.seed)
             self.state = self._initial_state()
             self._build_network()
             self._write_genotype()
+            rd.write_json(os.path.join(self.run_dir, DATASET_FILE), dataclasses.asdict(self.splits.info))
         self.records = rd.read_metrics(os.path.join(self.run_dir, "metrics.jsonl"))[:self.state.epoch]
         self._writer = tf.summary.create_file_writer(os.path.join(self.run_dir, "tensorboard"))
         train_x, train_y = self.splits.train
         while self.state.epoch < self.total_epochs:
             st = self.state
             started = time.time()
+            # Every random draw of an epoch (tf.data shuffle and augmentation seeds depend
+            # on the global seed too) follows from (seed, epoch) alone, so a resumed run
+            # draws exactly what an uninterrupted one does.
+            keras.utils.set_random_seed(cfg.seed * 1000 + 500 + st.epoch)
             if st.phase == "search" and st.epoch >= self.search_epochs:
                 self._to_final("search epochs used up")
                 continue
@@ -283,12 +291,14 @@ class Run:
             self._set_lrs(st.epoch)
             self.net.reseed(st.epoch)
             logs = self._train_epoch(ds, st.epoch)
+            # Validate the network that was trained this epoch, before any structural
+            # change: a grown network's new head has not been trained yet.
+            val = self.evaluate(*self.splits.val) if len(self.splits.val[1]) else {}
             events = []
             if st.phase == "search":
                 for _, _, _, p in self.net.gates():
                     p.record()
                 events += self._after_search_epoch(st.epoch + 1)
-            val = self.evaluate(*self.splits.val) if len(self.splits.val[1]) else {}
             elapsed = time.time() - started
             st.epoch += 1
             st.seconds += elapsed
@@ -329,6 +339,8 @@ class Run:
                 total[k] += float(out[k]) * (1 if k == "correct" else int(yb.shape[0]))
             seen += int(yb.shape[0])
             steps += 1
+            if steps == 2:
+                rd.fault_point(f"mid_epoch:{epoch + 1}")
             if bar is not None:
                 bar.update(steps, [("loss", total["loss"] / seen), ("acc", total["correct"] / seen)])
         seen = max(seen, 1)
@@ -453,6 +465,7 @@ class Run:
             return None
         lost = g.num_ops() - new.num_ops()
         self._rebuild(new)
+        rd.fault_point("deadhead")
         return (f"deadhead: removed {lost} operations"
                 + (f", {removed_inputs} inputs" if removed_inputs else ""))
 
@@ -462,7 +475,11 @@ class Run:
         p = genotype_lib.num_patterns(g) - 1
         self.state.group_start[str(p)] = epochs_done
         self.state.built_bytes = self._built_bytes(g, self.state.built_bytes)
+        # New cells draw their initial weights from a seed fixed by the epoch, so a
+        # resumed run grows exactly the cells an uninterrupted one would.
+        keras.utils.set_random_seed(self.cfg.seed * 1000 + epochs_done)
         self._rebuild(g)
+        rd.fault_point("grow")
         return f"grow: pattern {p + 1}, cells {before}-{len(g.cells) - 1}"
 
     def _to_final(self, why):
@@ -553,7 +570,6 @@ class Run:
             raise rd.RunDirError(f"checkpoint in {self.run_dir} lacks {len(missing)} variables "
                                  f"(first: {missing[0]}); expected a checkpoint of this network")
         self.opt.load_state({k[4:]: v for k, v in arrays.items() if k.startswith("opt/")})
-        keras.utils.set_random_seed(self.cfg.seed + self.state.epoch)
 
     def _finish(self):
         st = self.state
@@ -571,13 +587,45 @@ class Run:
                                             default=None),
                    "flops": memory_lib.estimate(g, 1)["flops"]}
         rd.atomic_write(os.path.join(self.run_dir, "genotype.json"), g.to_json())
+        save_model(final.model, os.path.join(self.run_dir, MODEL_FILE))
+        # metrics.json last: its presence marks a finished run.
         rd.write_json(os.path.join(self.run_dir, "metrics.json"), metrics)
         self.final_network = final
         return metrics
 
 
+MODEL_FILE = "model.keras"      # the final, deployable network (no pruners, no aux heads)
+DATASET_FILE = "dataset.json"   # data.DatasetInfo of the run: shape, classes, mean/std
+
+
+def save_model(model, path):
+    """Saves a Keras model atomically (Keras writes the file in place)."""
+    tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise rd.RunDirError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 class BudgetError(ValueError):
     """The memory budget cannot hold even the smallest network."""
+
+
+def _in_space_order(g):
+    """`g` with each edge's operations in search-space order and inputs ascending.
+
+    The checkpoint's state.json is written with sorted keys, which reorders the
+    operations of an edge (and inputs "10" < "2"); that order decides summation
+    order, gate order and drop-path seeds, so a restored network must use the
+    order an uninterrupted run builds.
+    """
+    rank = {op: i for i, op in enumerate(space_lib.space_ops(g.space))}
+    cells = tuple(dataclasses.replace(
+        c, inputs=tuple(sorted(c.inputs)),
+        edges=tuple(dataclasses.replace(e, ops=tuple(sorted(e.ops, key=lambda o: rank.get(o[0], len(rank)))))
+                    for e in c.edges)) for c in g.cells)
+    return dataclasses.replace(g, cells=cells)
 
 
 def _safe_norm(v):

@@ -32,19 +32,32 @@ class OpCost:
         return BYTES * (self.activations * batch + PARAM_COPIES * self.params)
 
 
+# Steps whose backward pass needs their input tensor; ReLU's needs its output.
+NEEDS_INPUT = frozenset({"dw", "pw", "conv", "bn", "maxpool"})
+
+
 def op_cost(op, h, w, c, stride):
-    """Cost of one gated candidate operation on an (h, w, c) input with `stride`."""
-    acts = params = flops = 0
+    """Cost of one gated candidate operation on an (h, w, c) input with `stride`.
+
+    Counts the tensors the backward pass keeps: inputs of convolutions, batch norms
+    and max pools, outputs of ReLUs, and the operation's output (the gate's
+    multiplication needs it). The operation's own input belongs to the node that
+    produced it and is counted there.
+    """
+    params = flops = 0
     s = stride
-    for step in space_lib.recipe(op):
+    sizes = []          # element count of every step's output
+    extra = 0
+    kept = set()
+    steps = space_lib.recipe(op)
+    for i, step in enumerate(steps):
         kind = step[0]
         if kind in space_lib.SPATIAL_STEPS:
-            st = s
-            s = 1
+            st, s = s, 1
         else:
             st = 1
         if kind == "dw" and step[2] > 1 and st > 1:
-            acts += h * w * c  # computed at stride 1, then subsampled (layers.Operation)
+            extra += h * w * c  # computed at stride 1, then subsampled (layers.Operation)
         oh, ow = _ceil_div(h, st), _ceil_div(w, st)
         out = oh * ow * c
         if kind == "dw":
@@ -60,16 +73,27 @@ def op_cost(op, h, w, c, stride):
             params += 2 * c
         elif kind in ("maxpool", "avgpool"):
             flops += out * step[1] * step[1]
-        acts += out if kind not in ("identity", "zero") else 0
+        if kind in NEEDS_INPUT and i > 0:
+            kept.add(i - 1)
+        if kind == "relu" or i == len(steps) - 1:
+            kept.add(i)
+        if kind in ("identity", "zero"):
+            out = 0 if i == 0 else out  # a view of the input (identity) or nothing kept
+        sizes.append(out)
         h, w = oh, ow
-    out = h * w * c
-    acts += 2 * out  # drop-path and gate outputs
+    acts = extra + sum(sizes[i] for i in kept)
     return OpCost(acts, params, flops)
+
+
+def stem_shape(genotype):
+    h, w, _ = genotype.input_shape
+    s = genotype.stem_stride
+    return _ceil_div(h, s), _ceil_div(w, s), genotype.scale
 
 
 def cell_shapes(genotype):
     """[(input h, input w, channels)] of every cell."""
-    h, w, _ = genotype.input_shape
+    h, w, _ = stem_shape(genotype)
     shapes = []
     for cell in genotype.cells:
         shapes.append((h, w, cell.channels))
@@ -97,8 +121,9 @@ def cell_op_bytes(genotype, batch):
 
 def _fixed_cost(genotype):
     """Activations and parameters outside the candidate operations."""
-    h, w, cin = genotype.input_shape
-    acts = h * w * cin + 2 * h * w * genotype.scale + h * w * genotype.scale  # input, stem conv+BN, norm
+    ih, iw, cin = genotype.input_shape
+    h, w, _ = stem_shape(genotype)
+    acts = 2 * ih * iw * cin + 2 * h * w * genotype.scale  # input, normalised; stem conv, BN
     params = 9 * cin * genotype.scale + 2 * genotype.scale
     out_shapes = [(h, w, genotype.scale)]
     for c, (ch_h, ch_w, ch) in enumerate(cell_shapes(genotype)):

@@ -46,8 +46,9 @@ class Network:
         self.normalize = L.Standardize(self.mean, self.std, name="standardize")
         # Explicit inner names keep variable paths (checkpoint keys) stable across processes.
         self.stem = keras.Sequential([
-            keras.layers.Conv2D(genotype.scale, 3, padding="same", use_bias=False, name="conv"),
-            keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name="bn")], name="stem")
+            keras.layers.Conv2D(genotype.scale, 3, strides=genotype.stem_stride, padding="same",
+                                use_bias=False, name="conv"),
+            L.batch_norm("bn")], name="stem")
         self.cells = []
         self.heads = {}
         self._sync(genotype)

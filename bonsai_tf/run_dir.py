@@ -14,6 +14,20 @@ import tempfile
 import numpy as np
 
 
+FAULT_ENV = "BONSAI_TF_FAULT"
+
+
+def fault_point(name):
+    """Kills the process here (SIGKILL) when $BONSAI_TF_FAULT names this point.
+
+    Fault injection for the crash/resume tests: a kill at a named moment (mid-epoch,
+    growth, checkpoint write, ...) is the only way to test those moments repeatably.
+    """
+    if os.environ.get(FAULT_ENV) == name:
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class RunDirError(RuntimeError):
     """The run directory cannot be used (unwritable, full, corrupt or foreign)."""
 
@@ -100,9 +114,11 @@ def save_checkpoint(run_dir, arrays, state):
         # state.json last: its presence marks a complete checkpoint.
         write_json(os.path.join(new, "state.json"), state)
         _fsync_dir(new)
+        fault_point("checkpoint")
         if os.path.exists(cur):
             _rmtree(old)
             os.replace(cur, old)
+        fault_point("checkpoint_swap")
         os.replace(new, cur)
         _fsync_dir(run_dir)
         _rmtree(old)

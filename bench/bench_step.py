@@ -1,0 +1,108 @@
+"""Training throughput of the supernet step (images/s), written to bench/results/.
+
+    python bench/bench_step.py                      # the issue's grid, bonsai7 space
+    python bench/bench_step.py --scales=16 --nodes=2 --shapes=28x28x1 --steps=10
+
+Every configuration is the full, unpruned supernet (every operation on every edge,
+pruners and compression loss on), batch 64, one step = forward + backward + SGD.
+The reference point is the original PyTorch BonsaiNet at about 11 s per step on
+this 2-core machine (batch 64, 32x32x3, scale 16, 3 cells, all 7 operations).
+"""
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_list("scales", ["16", "36"], "Stem channels to time.")
+flags.DEFINE_list("patterns", ["1", "2"], "Pattern counts to time.")
+flags.DEFINE_list("shapes", ["32x32x3", "28x28x1"], "Input shapes HxWxC.")
+flags.DEFINE_integer("nodes", 4, "Nodes per cell.")
+flags.DEFINE_string("space", "bonsai7", "Operation set.")
+flags.DEFINE_string("pattern_spec", '[["n","na"],["r"]]', "Pattern list (JSON).")
+flags.DEFINE_integer("batch", 64, "Batch size.")
+flags.DEFINE_integer("steps", 5, "Timed steps per configuration (after 2 warm-up steps).")
+flags.DEFINE_bool("jit_compile", False, "Compile the step with XLA.")
+flags.DEFINE_string("out", "bench/results/step_throughput.json", "Where to write the figures.")
+FLAGS = flags.FLAGS
+
+
+def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps, jit):
+    import numpy as np
+    import tensorflow as tf
+    from bonsai_tf import config as config_lib
+    from bonsai_tf import data as data_lib
+    from bonsai_tf import engine
+    from bonsai_tf import genotype as genotype_lib
+    from bonsai_tf import memory as memory_lib
+
+    h, w, c = shape
+    info = data_lib.DatasetInfo(name="bench", image_shape=shape, num_classes=10,
+                                class_names=tuple(str(i) for i in range(10)), mean=(128.0,) * c,
+                                std=(64.0,) * c, augment="none")
+    x = np.random.RandomState(0).randint(0, 255, (batch, h, w, c)).astype(np.uint8)
+    y = np.arange(batch) % 10
+    splits = data_lib.Splits(train=(x, y), val=(x[:0], y[:0]), test=(x, y), info=info)
+    cfg = config_lib.RunConfig(scale=scale, nodes=nodes, space=space, patterns=pattern_spec,
+                               batch_size=batch, epochs=1, search_epochs=1, jit_compile=jit,
+                               drop_path=0.3, measure_memory=False)
+    run = engine.Run(cfg, splits, "/tmp/bench_step_unused", verbose=0)
+    run.state = run._initial_state()
+    g = genotype_lib.Genotype.from_dict(run.state.genotype)
+    while genotype_lib.num_patterns(g) < patterns:
+        g = genotype_lib.grow(g)
+    run.state.genotype = g.to_dict()
+    run.state.built_bytes = run._built_bytes(g, {})
+    run._build_network()
+    run._set_lrs(0)
+    xb, yb = tf.constant(x, tf.float32), tf.constant(y, tf.int64)
+    aim, pressure = tf.constant(0.5), tf.constant(1.0)
+    for _ in range(2):
+        run.train_step(xb, yb, aim, pressure)["loss"].numpy()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        run.train_step(xb, yb, aim, pressure)["loss"].numpy()
+        times.append(time.perf_counter() - t)
+    peak = memory_lib.measure_step_peak(lambda: run.train_step(xb, yb, aim, pressure)["loss"].numpy())
+    step = float(np.median(times))
+    return {"scale": scale, "patterns": patterns, "shape": list(shape), "nodes": nodes,
+            "space": space, "cells": len(g.cells), "operations": g.num_ops(), "batch": batch,
+            "params": run.net.count_params(), "seconds_per_step": step,
+            "images_per_second": batch / step, "jit_compile": jit,
+            "memory_estimate_mb": memory_lib.estimate(g, batch)["mb"],
+            "memory_measured_mb": None if peak is None else peak / 2**20}
+
+
+def main(argv):
+    del argv
+    import json as _json
+    import tensorflow as tf
+    results = []
+    for shape in FLAGS.shapes:
+        shape = tuple(int(v) for v in shape.split("x"))
+        for scale in FLAGS.scales:
+            for n in FLAGS.patterns:
+                r = time_config(int(scale), int(n), shape, FLAGS.nodes, FLAGS.space,
+                                _json.loads(FLAGS.pattern_spec), FLAGS.batch, FLAGS.steps,
+                                FLAGS.jit_compile)
+                print(f"{'x'.join(map(str, shape)):>8} scale {r['scale']:>3} patterns {n} cells "
+                      f"{r['cells']} ops {r['operations']:>4}: {r['seconds_per_step']:.3f} s/step, "
+                      f"{r['images_per_second']:.0f} img/s, memory est {r['memory_estimate_mb']:.0f} MB "
+                      f"measured {r['memory_measured_mb'] or float('nan'):.0f} MB", flush=True)
+                results.append(r)
+                tf.keras.backend.clear_session()
+    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+        json.dump({"machine": f"{os.cpu_count()} CPU cores", "tensorflow": tf.__version__,
+                   "results": results}, f, indent=1)
+    print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Installs (scripts/setup.sh) and runs the test suite, slow end-to-end tests included.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export TF_CPP_MIN_LOG_LEVEL=2
+.venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"

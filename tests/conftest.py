@@ -1,0 +1,29 @@
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def tiny_splits():
+    """Generated 12x12 grey images, 3 classes, with a learnable signal (class = bright corner)."""
+    from bonsai_tf import data as data_lib
+    rng = np.random.RandomState(0)
+
+    def make(n):
+        y = np.arange(n) % 3
+        x = rng.randint(0, 60, (n, 12, 12, 1)).astype(np.uint8)
+        for i, label in enumerate(y):
+            r, c = divmod(int(label), 2)
+            x[i, r * 6:(r + 1) * 6, c * 6:(c + 1) * 6, 0] += 150
+        return x, y.astype(np.int64)
+    info = data_lib.DatasetInfo(name="tiny", image_shape=(12, 12, 1), num_classes=3,
+                                class_names=("a", "b", "c"), mean=(80.0,), std=(70.0,),
+                                augment="none")
+    return data_lib.Splits(train=make(192), val=make(48), test=make(48), info=info)

@@ -1,0 +1,84 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bonsai_tf import config as config_lib
+from bonsai_tf import engine
+from bonsai_tf import genotype as G
+from bonsai_tf import memory as M
+
+TINY = dict(scale=4, nodes=2, patterns=(("n",), ("r",)), batch_size=32, epochs=5,
+            search_epochs=4, prune_interval=1, cycle_len=1, lambda_edge=2.0, lambda_input=2.0,
+            gate_lr=0.5, lr_max=0.05, drop_path=0.1, val_size=0, seed=3, measure_memory=False,
+            max_patterns=2)
+
+
+def budget_for_growth():
+    g = G.initial("bonsai7", (12, 12, 1), 3, 4, 2, [["n"], ["r"]], 1)
+    one, two = M.estimate(g, 32)["mb"], M.estimate(G.grow(g), 32)["mb"]
+    return round(one + 0.6 * (two - one), 3)
+
+
+def make_run(tiny_splits, run_dir, **kw):
+    cfg = config_lib.RunConfig(**{**TINY, "memory_budget_mb": budget_for_growth(), **kw})
+    return engine.Run(cfg, tiny_splits, str(run_dir), verbose=0)
+
+
+def test_compression_loss_pushes_gates_the_right_way(tiny_splits, tmp_path):
+    run = make_run(tiny_splits, tmp_path)
+    run.state = run._initial_state()
+    run._build_network()
+    # identity costs no memory, so the compression loss does not move its gate
+    op_gates = [p.w for _, kind, key, p in run.net.gates() if kind == "op" and key[1] != "identity"]
+    with tf.GradientTape() as tape:
+        loss = run.compression_loss(tf.constant(0.2), tf.constant(1.0))
+    grads = tape.gradient(loss, op_gates)
+    assert all(float(g) > 0 for g in grads)  # every gate open, aim below: descent closes them
+    for w in op_gates:
+        w.assign(-0.1)
+    with tf.GradientTape() as tape:
+        loss = run.compression_loss(tf.constant(0.9), tf.constant(1.0))
+    grads = tape.gradient(loss, op_gates)
+    assert all(float(g) < 0 for g in grads)  # all closed, aim above: descent reopens them
+    with tf.GradientTape() as tape:
+        doubled = run.compression_loss(tf.constant(0.9), tf.constant(2.0))
+    assert float(doubled) == pytest.approx(2 * float(loss), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_tiny_search_deadheads_grows_and_finishes(tiny_splits, tmp_path):
+    run = make_run(tiny_splits, tmp_path)
+    metrics = run.run()
+    records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5]
+    for key in ("epoch", "params", "cells", "compression", "val_accuracy", "memory_mb", "seconds"):
+        assert key in records[0]
+    assert records[0]["compression"] <= 1.0
+    events = " ".join(e for r in records for e in r["events"])
+    assert "deadhead: removed" in events and "grow: pattern 2" in events
+    assert records[-1]["cells"] == 2 and records[-1]["phase"] == "final"
+    assert min(r["compression"] for r in records) < 1.0
+    for key in ("test_accuracy", "params", "search_seconds", "total_seconds"):
+        assert key in metrics
+    g = G.Genotype.load(str(tmp_path / "genotype.json"))
+    assert g.hash() == metrics["genotype_hash"] and len(g.cells) == 2
+    assert g.num_ops() < 2 * 5 * 7
+    assert os.path.exists(tmp_path / "model.keras")
+    assert os.path.isdir(tmp_path / "tensorboard")
+    # the trained network learned the signal in the generated data
+    assert metrics["test_accuracy"] > 0.5
+
+
+def test_budget_too_small_is_an_error(tiny_splits, tmp_path):
+    run = make_run(tiny_splits, tmp_path, memory_budget_mb=0.01)
+    with pytest.raises(engine.BudgetError, match="too small for one pattern"):
+        run.run()
+
+
+def test_non_finite_loss_stops_the_run_keeping_the_checkpoint(tiny_splits, tmp_path):
+    run = make_run(tiny_splits, tmp_path, epochs=2, search_epochs=1, lr_max=1e30)
+    with pytest.raises(engine.NonFiniteLoss, match="expected a finite loss"):
+        run.run()

@@ -1,0 +1,219 @@
+"""Flags shared by train/search.py and train/train.py, and the run that they drive.
+
+Flags live only here and in the entry scripts: they become a validated, frozen
+`RunConfig` that is written to the run directory as config.json.
+"""
+
+import json
+import logging
+import os
+import shutil
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags  # noqa: E402
+
+from bonsai_tf import config as config_lib  # noqa: E402  (no TensorFlow import)
+
+D = config_lib.RunConfig()  # defaults: BonsaiNet's paper values
+flags.DEFINE_string("dataset", D.dataset, "fashion_mnist, a TFDS image-classification name "
+                    "(cifar10, cifar100, mnist, svhn_cropped, ...) or folder:PATH.")
+flags.DEFINE_string("data_dir", D.data_dir, "Where the data is: IDX files, CIFAR archives or a "
+                    "prepared TFDS data_dir. Nothing is downloaded.")
+flags.DEFINE_string("output_dir", "", "Run directory; default runs/<dataset>-<strategy>. Running "
+                    "the same command again resumes it.")
+flags.DEFINE_bool("overwrite", False, "Replace a run directory made by a different configuration.")
+flags.DEFINE_bool("export", True, "Export SavedModel and TFLite at the end.")
+flags.DEFINE_integer("verbose", 1, "0: no progress bars; 1: progress bars.")
+flags.DEFINE_enum("strategy", D.strategy, list(config_lib.STRATEGIES),
+                  "bonsai: search; random: random baseline matching --genotype; fixed: train "
+                  "--genotype from scratch.")
+flags.DEFINE_string("space", D.space, "Operation set: bonsai7, darts8 or small.")
+flags.DEFINE_integer("scale", D.scale, "Stem channels C.")
+flags.DEFINE_integer("nodes", D.nodes, "Intermediate nodes per cell.")
+flags.DEFINE_integer("stem_stride", D.stem_stride, "Stem stride: 2 halves the resolution.")
+flags.DEFINE_string("patterns", json.dumps([list(p) for p in D.patterns]),
+                    "Cell patterns as JSON, e.g. [[\"n\",\"na\"],[\"r\"]].")
+flags.DEFINE_integer("max_patterns", D.max_patterns, "Most patterns (0: spatial limit).")
+flags.DEFINE_integer("reduction_target", D.reduction_target, "Smallest spatial size.")
+flags.DEFINE_float("init_weight", D.init_weight, "Initial pruner weight.")
+flags.DEFINE_string("genotype", D.genotype, "Genotype JSON for --strategy=random/fixed.")
+flags.DEFINE_integer("epochs", D.epochs, "Epochs in all (search + final training).")
+flags.DEFINE_integer("search_epochs", D.search_epochs, "Search epochs (0: half of --epochs).")
+flags.DEFINE_integer("batch_size", D.batch_size, "Batch size.")
+flags.DEFINE_float("lr_max", D.lr_max, "Peak learning rate (cosine annealing).")
+flags.DEFINE_float("lr_min", D.lr_min, "Final learning rate.")
+flags.DEFINE_float("gate_lr", D.gate_lr, "Pruner learning rate (0: --lr_max).")
+flags.DEFINE_float("momentum", D.momentum, "SGD momentum.")
+flags.DEFINE_float("weight_decay", D.weight_decay, "L2 weight decay (not on pruners).")
+flags.DEFINE_float("drop_path", D.drop_path, "Drop-path rate of non-identity operations.")
+flags.DEFINE_float("aux_weight", D.aux_weight, "Weight of auxiliary losses.")
+flags.DEFINE_float("label_smoothing", D.label_smoothing, "Label smoothing.")
+flags.DEFINE_float("lambda_edge", D.lambda_edge, "Weight of the operation compression loss.")
+flags.DEFINE_float("lambda_input", D.lambda_input, "Weight of the input compression loss.")
+flags.DEFINE_integer("prune_interval", D.prune_interval, "Epochs between deadheads.")
+flags.DEFINE_integer("cycle_len", D.cycle_len, "Epochs per compression cycle.")
+flags.DEFINE_float("memory_budget_mb", D.memory_budget_mb, "Training-memory budget (MB) that "
+                   "growth fills; 0: no growth.")
+flags.DEFINE_integer("val_size", D.val_size, "Training examples held out for validation.")
+flags.DEFINE_integer("train_subset", D.train_subset, "Search on this many examples (0: all).")
+flags.DEFINE_integer("final_subset", D.final_subset, "Final training examples (0: all).")
+flags.DEFINE_list("image_size", [], "Resize images to H,W (folder datasets).")
+flags.DEFINE_string("augment", D.augment, "Augmentation: none, crop, crop_flip, "
+                    "crop_flip_cutout ('' = dataset default).")
+flags.DEFINE_integer("seed", D.seed, "Random seed.")
+flags.DEFINE_bool("deterministic", D.deterministic, "Enable TensorFlow op determinism.")
+flags.DEFINE_bool("jit_compile", D.jit_compile, "Compile steps with XLA (slower on CPU here).")
+flags.DEFINE_integer("steps_per_epoch", D.steps_per_epoch, "Cap on steps per epoch (0: all).")
+flags.DEFINE_bool("measure_memory", D.measure_memory, "Measure allocator peak memory.")
+FLAGS = flags.FLAGS
+
+RUN_FLAGS = ("output_dir", "overwrite", "export", "verbose")
+OURS = ("config.json", "dataset.json", "genotype.json", "metrics.jsonl", "metrics.json",
+        "checkpoint", "checkpoint.old", "checkpoint.new", "tensorboard", "model.keras",
+        "report.md", "saved_model", "model.tflite", "model_int8.tflite", "export.json", "log.txt")
+
+
+class UsageError(ValueError):
+    pass
+
+
+def config_from_flags(overrides=None):
+    """Turns the flags into a RunConfig (validation errors name the flag)."""
+    values = {}
+    for field in config_lib.RunConfig.__dataclass_fields__:
+        values[field] = getattr(FLAGS, field)
+    try:
+        values["patterns"] = json.loads(FLAGS.patterns)
+    except json.JSONDecodeError:
+        raise UsageError(f"--patterns={FLAGS.patterns!r} is not JSON; expected e.g. "
+                         f"[[\"n\",\"na\"],[\"r\"]]") from None
+    try:
+        values["image_size"] = tuple(int(v) for v in FLAGS.image_size)
+    except ValueError:
+        raise UsageError(f"--image_size={','.join(FLAGS.image_size)!r}; expected H,W") from None
+    values.update(overrides or {})
+    return config_lib.RunConfig(**values)
+
+
+def prepare_run_dir(cfg, output_dir, overwrite):
+    """Creates, resumes or refuses `output_dir`; returns 'new', 'resume' or 'finished'."""
+    path = os.path.join(output_dir, "config.json")
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            old = None
+        same = old is not None and _identity(old) == cfg.identity()
+        if not same and not overwrite:
+            diff = sorted(k for k in set(cfg.identity()) | set(_identity(old or {}))
+                          if (old or {}).get(k) != cfg.identity().get(k))
+            raise UsageError(f"run directory {output_dir} was made by a different configuration "
+                             f"(differs in: {', '.join(diff[:6])}); expected the same flags to "
+                             f"resume it, or pass --overwrite or another --output_dir")
+        if same and not overwrite:
+            return "finished" if os.path.exists(os.path.join(output_dir, "metrics.json")) else "resume"
+        for name in OURS:
+            p = os.path.join(output_dir, name)
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.unlink(p)
+    elif os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise UsageError(f"--output_dir={output_dir} exists and is not a bonsai-tf run directory; "
+                         f"expected a new or empty directory (or pass --overwrite)")
+    from bonsai_tf import run_dir as rd
+    rd.write_json(path, cfg.to_dict())
+    return "new"
+
+
+def _identity(d):
+    d = dict(d)
+    for k in config_lib.RunConfig.NON_IDENTITY:
+        d.pop(k, None)
+    return d
+
+
+def _setup_logging(output_dir):
+    root = logging.getLogger("bonsai_tf")
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    for handler in (logging.StreamHandler(sys.stderr),
+                    logging.FileHandler(os.path.join(output_dir, "log.txt"))):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+
+
+def run(cfg, output_dir, overwrite=False, export=True, verbose=1):
+    """Runs (or resumes) `cfg` in `output_dir` and writes report and exports."""
+    from bonsai_tf import run_dir as rd
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:
+        raise rd.RunDirError(f"cannot create --output_dir={output_dir}: {e.strerror}") from None
+    if not os.access(output_dir, os.W_OK):
+        raise rd.RunDirError(f"--output_dir={output_dir} is not writable; expected a writable "
+                             f"directory")
+    status = prepare_run_dir(cfg, output_dir, overwrite)
+    _setup_logging(output_dir)
+    log = logging.getLogger("bonsai_tf")
+    import tensorflow as tf
+    from bonsai_tf import data as data_lib
+    from bonsai_tf import engine
+    from bonsai_tf import report
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    splits = data_lib.load_dataset(cfg.dataset, cfg.data_dir or None, val_size=cfg.val_size,
+                                   train_subset=None, seed=cfg.seed,
+                                   image_size=cfg.image_size or None)
+    if status == "finished":
+        log.info("%s is finished; rewriting its report%s", output_dir,
+                 " and exports" if export else "")
+        metrics = rd.read_json(os.path.join(output_dir, "metrics.json"))
+    else:
+        log.info("%s run in %s (%s)", cfg.strategy, output_dir, status)
+        metrics = engine.Run(cfg, splits, output_dir, verbose=verbose).run()
+    if export:
+        from bonsai_tf import export as export_lib
+        export_lib.export_run(output_dir, splits=splits)
+    report.write_report(output_dir)
+    log.info("test accuracy %.4f, %d parameters, %d cells; report: %s", metrics["test_accuracy"],
+             metrics["params"], metrics["cells"], os.path.join(output_dir, "report.md"))
+    return metrics
+
+
+def _main(argv, overrides):
+    try:
+        rest = FLAGS(argv)[1:]
+    except flags.Error as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+    if rest:
+        raise UsageError(f"unexpected arguments {rest}; expected only --flags")
+    cfg = config_from_flags(overrides)
+    output_dir = FLAGS.output_dir or os.path.join(
+        "runs", f"{cfg.dataset.replace(':', '_').replace('/', '_')}-{cfg.strategy}")
+    run(cfg, output_dir, FLAGS.overwrite, FLAGS.export, FLAGS.verbose)
+    return 0
+
+
+def main(argv, overrides=None):
+    """Entry point shared by the scripts; returns the process exit status."""
+    from bonsai_tf import data as data_lib
+    from bonsai_tf import engine
+    from bonsai_tf import export as export_lib
+    from bonsai_tf import genotype as genotype_lib
+    from bonsai_tf import run_dir as rd
+    expected = (UsageError, config_lib.ConfigError, data_lib.DataError,
+                genotype_lib.GenotypeError, engine.BudgetError, rd.RunDirError,
+                engine.NonFiniteLoss, export_lib.ExportError)
+    try:
+        return _main(argv, overrides)
+    except expected as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
