@@ -7,6 +7,7 @@ from bonsai_tf import genotype as genotype_lib
 from bonsai_tf import space as space_lib
 
 STRATEGIES = ("bonsai", "random", "fixed")
+AUGMENT = ("", "none", "crop", "crop_flip", "crop_flip_cutout")  # data.AUGMENT_POLICIES and ''
 
 
 class ConfigError(ValueError):
@@ -76,6 +77,7 @@ class RunConfig:
             check(isinstance(getattr(self, name), (int, float)) and not isinstance(
                 getattr(self, name), bool), name, "a number")
         check(self.strategy in STRATEGIES, "strategy", f"one of {STRATEGIES}")
+        check(self.augment in AUGMENT, "augment", f"one of {AUGMENT} ('' = the dataset's default)")
         check(self.space in space_lib.SPACES, "space", f"one of {sorted(space_lib.SPACES)}")
         check(self.scale >= 1, "scale", ">= 1")
         check(1 <= self.nodes <= 16, "nodes", "in [1, 16]")

@@ -69,7 +69,8 @@ class Run:
         self.cfg, self.splits, self.run_dir, self.verbose = config, splits, run_dir, verbose
         info = splits.info
         self.input_shape = tuple(info.image_shape)
-        self.mean, self.std = tuple(info.mean), tuple(info.std)
+        # A constant channel (std 0) carries nothing to learn: standardise it to 0, not NaN.
+        self.mean, self.std = tuple(info.mean), tuple(s if s > 0 else 1.0 for s in info.std)
         self.num_classes = info.num_classes
         self.augment = config.augment or info.augment
         self.total_epochs = config.epochs
@@ -549,12 +550,20 @@ class Run:
         self._write_genotype()
 
     def _restore(self, arrays, state):
-        state = dict(state)
+        state = dict(state) if isinstance(state, dict) else {}
         if state.get("version") != STATE_VERSION:
             raise rd.RunDirError(f"checkpoint state version {state.get('version')!r}; expected "
-                                 f"{STATE_VERSION}")
+                                 f"{STATE_VERSION}: resume it with the bonsai-tf that wrote it, or "
+                                 f"pass --overwrite to start over")
         state.pop("python_random", None)
-        self.state = State(**state)
+        try:
+            self.state = State(**state)
+            genotype_lib.Genotype.from_dict(self.state.genotype)
+        except (TypeError, genotype_lib.GenotypeError) as e:
+            where = os.path.join(self.run_dir, rd.CKPT)
+            raise rd.RunDirError(f"checkpoint {where} has a malformed state.json ({e}); expected "
+                                 f"one written by bonsai-tf: remove {where} to start over or pass "
+                                 f"--overwrite") from None
         self._build_network()
         missing = []
         for v in self.net.model.weights:

@@ -214,13 +214,16 @@ def size_budget(start, budget_bytes, batch, max_patterns, ops_in_space):
     return first, ratios
 
 
-def measure_step_peak(step_fn, device="CPU:0"):
+def measure_step_peak(step_fn, device=None):
     """Peak allocator bytes above the current level while `step_fn()` runs.
 
-    Uses TensorFlow's allocator statistics (GPU, and CPU on TF 2.21). Returns None
-    where the device does not report them.
+    Uses TensorFlow's allocator statistics of `device` (default: the first GPU if
+    there is one, else the CPU, which reports them on TF 2.21). Returns None where
+    the device does not report them.
     """
     import tensorflow as tf
+    if device is None:
+        device = "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
     try:
         tf.config.experimental.reset_memory_stats(device)
         base = tf.config.experimental.get_memory_info(device)["current"]

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import tempfile
+import zipfile
 
 import numpy as np
 
@@ -68,7 +69,7 @@ def read_json(path):
     try:
         with open(path) as f:
             return json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunDirError(f"{path} is corrupt ({e}); expected a JSON file") from None
 
 
@@ -136,7 +137,7 @@ def load_checkpoint(run_dir):
                 with np.load(os.path.join(d, "weights.npz")) as z:
                     arrays = {k: z[k] for k in z.files}
                 return arrays, state
-            except (OSError, ValueError, RunDirError) as e:
+            except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, RunDirError) as e:
                 raise RunDirError(f"checkpoint {d} is corrupt ({e}); expected a complete "
                                   f"checkpoint: remove {d} to start over or pass --overwrite") from None
     return None

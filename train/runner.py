@@ -98,16 +98,23 @@ def config_from_flags(overrides=None):
     return config_lib.RunConfig(**values)
 
 
-def prepare_run_dir(cfg, output_dir, overwrite):
-    """Creates, resumes or refuses `output_dir`; returns 'new', 'resume' or 'finished'."""
+def prepare_run_dir(cfg, output_dir, overwrite, claim=True):
+    """Creates, resumes or refuses `output_dir`; returns 'new', 'resume' or 'finished'.
+
+    With claim=False it only decides (and refuses): nothing is removed or written.
+    """
     path = os.path.join(output_dir, "config.json")
     if os.path.exists(path):
         try:
             with open(path) as f:
                 old = json.load(f)
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             old = None
-        same = old is not None and _identity(old) == cfg.identity()
+        if not isinstance(old, dict) and not overwrite:
+            raise UsageError(f"{path} is unreadable or corrupt; expected the config.json of a "
+                             f"bonsai-tf run: pass --overwrite to start over or another "
+                             f"--output_dir")
+        same = isinstance(old, dict) and _identity(old) == cfg.identity()
         if not same and not overwrite:
             diff = sorted(k for k in set(cfg.identity()) | set(_identity(old or {}))
                           if (old or {}).get(k) != cfg.identity().get(k))
@@ -116,6 +123,8 @@ def prepare_run_dir(cfg, output_dir, overwrite):
                              f"resume it, or pass --overwrite or another --output_dir")
         if same and not overwrite:
             return "finished" if os.path.exists(os.path.join(output_dir, "metrics.json")) else "resume"
+        if not claim:
+            return "new"
         for name in OURS:
             p = os.path.join(output_dir, name)
             if os.path.isdir(p):
@@ -125,8 +134,9 @@ def prepare_run_dir(cfg, output_dir, overwrite):
     elif os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
         raise UsageError(f"--output_dir={output_dir} exists and is not a bonsai-tf run directory; "
                          f"expected a new or empty directory (or pass --overwrite)")
-    from bonsai_tf import run_dir as rd
-    rd.write_json(path, cfg.to_dict())
+    if claim:
+        from bonsai_tf import run_dir as rd
+        rd.write_json(path, cfg.to_dict())
     return "new"
 
 
@@ -137,14 +147,14 @@ def _identity(d):
     return d
 
 
-def _setup_logging(output_dir):
+def _setup_logging(output_dir=None):
+    """Logs to stderr, or (given `output_dir`) also to its log.txt."""
     root = logging.getLogger("bonsai_tf")
     root.setLevel(logging.INFO)
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    for handler in (logging.StreamHandler(sys.stderr),
-                    logging.FileHandler(os.path.join(output_dir, "log.txt"))):
-        handler.setFormatter(fmt)
-        root.addHandler(handler)
+    handler = (logging.StreamHandler(sys.stderr) if output_dir is None
+               else logging.FileHandler(os.path.join(output_dir, "log.txt")))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
 
 
 def run(cfg, output_dir, overwrite=False, export=True, verbose=1):
@@ -153,12 +163,13 @@ def run(cfg, output_dir, overwrite=False, export=True, verbose=1):
     try:
         os.makedirs(output_dir, exist_ok=True)
     except OSError as e:
-        raise rd.RunDirError(f"cannot create --output_dir={output_dir}: {e.strerror}") from None
+        raise rd.RunDirError(f"cannot create --output_dir={output_dir}: {e.strerror}; expected a "
+                             f"directory or a path where one can be made") from None
     if not os.access(output_dir, os.W_OK):
         raise rd.RunDirError(f"--output_dir={output_dir} is not writable; expected a writable "
                              f"directory")
-    status = prepare_run_dir(cfg, output_dir, overwrite)
-    _setup_logging(output_dir)
+    prepare_run_dir(cfg, output_dir, overwrite, claim=False)  # refuses before anything loads
+    _setup_logging()
     log = logging.getLogger("bonsai_tf")
     import tensorflow as tf
     from bonsai_tf import data as data_lib
@@ -169,6 +180,21 @@ def run(cfg, output_dir, overwrite=False, export=True, verbose=1):
     splits = data_lib.load_dataset(cfg.dataset, cfg.data_dir or None, val_size=cfg.val_size,
                                    train_subset=None, seed=cfg.seed,
                                    image_size=cfg.image_size or None)
+    for flag, subset in (("train_subset", cfg.train_subset), ("final_subset", cfg.final_subset)):
+        n = min(len(splits.train[1]), subset or len(splits.train[1]))
+        if n < cfg.batch_size:  # batches are full ones: an epoch would have no step at all
+            raise UsageError(f"--batch_size={cfg.batch_size} is larger than the {n} training "
+                             f"examples (after --val_size={cfg.val_size}"
+                             f"{f', --{flag}={subset}' if subset else ''}); expected at most {n}")
+    # Claimed only now: bad data leaves the directory as it was, so the corrected
+    # command (say with --image_size) is not refused as a different configuration.
+    status = prepare_run_dir(cfg, output_dir, overwrite)
+    _setup_logging(output_dir)
+    info = splits.info
+    log.info("dataset %s: %d training, %d validation, %d test images of %s%s", info.name,
+             len(splits.train[1]), len(splits.val[1]), len(splits.test[1]),
+             "x".join(map(str, info.image_shape)),
+             f"; {info.skipped_files} unreadable file(s) skipped" if info.skipped_files else "")
     if status == "finished":
         log.info("%s is finished; rewriting its report%s", output_dir,
                  " and exports" if export else "")
@@ -189,10 +215,13 @@ def _main(argv, overrides):
     try:
         rest = FLAGS(argv)[1:]
     except flags.Error as e:
-        raise UsageError(str(e).splitlines()[0]) from None
+        raise UsageError(_flag_error(e)) from None
     if rest:
         raise UsageError(f"unexpected arguments {rest}; expected only --flags")
     cfg = config_from_flags(overrides)
+    if cfg.strategy in ("random", "fixed"):
+        from bonsai_tf import genotype as genotype_lib
+        genotype_lib.Genotype.load(cfg.genotype)  # a bad --genotype fails before TensorFlow loads
     output_dir = FLAGS.output_dir or os.path.join(
         "runs", f"{cfg.dataset.replace(':', '_').replace('/', '_')}-{cfg.strategy}")
     run(cfg, output_dir, FLAGS.overwrite, FLAGS.export, FLAGS.verbose)
@@ -200,20 +229,50 @@ def _main(argv, overrides):
 
 
 def main(argv, overrides=None):
-    """Entry point shared by the scripts; returns the process exit status."""
-    from bonsai_tf import data as data_lib
-    from bonsai_tf import engine
-    from bonsai_tf import export as export_lib
-    from bonsai_tf import genotype as genotype_lib
-    from bonsai_tf import run_dir as rd
-    expected = (UsageError, config_lib.ConfigError, data_lib.DataError,
-                genotype_lib.GenotypeError, engine.BudgetError, rd.RunDirError,
-                engine.NonFiniteLoss, export_lib.ExportError)
+    """Entry point shared by the scripts; returns the process exit status.
+
+    Flags, the configuration, a --genotype file and the run directory are checked
+    before TensorFlow is imported, so bad input is reported at once.
+    """
     try:
         return _main(argv, overrides)
-    except expected as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is one of ours
+        if not isinstance(e, _input_errors()):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _input_errors():
+    """Errors that mean bad input or an unusable run directory: one line, exit status 2.
+
+    The classes of modules that import TensorFlow are taken only once those modules
+    are loaded (their errors cannot have been raised before).
+    """
+    from bonsai_tf import genotype as genotype_lib
+    from bonsai_tf import run_dir as rd
+    types = [UsageError, config_lib.ConfigError, genotype_lib.GenotypeError, rd.RunDirError]
+    for module, name in (("bonsai_tf.data", "DataError"), ("bonsai_tf.engine", "BudgetError"),
+                         ("bonsai_tf.engine", "NonFiniteLoss"),
+                         ("bonsai_tf.export", "ExportError")):
+        if module in sys.modules:
+            types.append(getattr(sys.modules[module], name))
+    return tuple(types)
+
+
+_EXPECTED_TYPE = {"int": "an integer", "float": "a number", "bool": "true or false"}
+
+
+def _flag_error(e):
+    """absl's message (flag and value received) plus the type that was expected."""
+    msg = str(e).splitlines()[0]
+    if msg.startswith("flag --") and "=" in msg and "expected" not in msg.lower():
+        name = msg[len("flag --"):msg.index("=")]
+        if name in FLAGS:
+            expected = _EXPECTED_TYPE.get(FLAGS[name].flag_type())
+            if expected:
+                msg += f"; expected {expected}"
+    return msg

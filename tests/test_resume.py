@@ -1,0 +1,257 @@
+"""A search survives crashes: killed anywhere, the same command resumes it to the same result.
+
+A tiny search runs through train/search.py in subprocesses on generated PNGs (3
+classes of 12x12 grey images). BONSAI_TF_FAULT (run_dir.fault_point) SIGKILLs the
+process at a named moment. One run directory is killed at every fault point in
+turn (each kill resumes the previous one, so the run also survives repeated
+crashes), then finished; its metrics and genotype must equal those of an
+uninterrupted run exactly (CPU, --deterministic).
+
+The configuration is chosen so that every fault point is reached after a checkpoint
+exists: epoch 1 prunes and grows nothing; epoch 2 deadheads and grows; epoch 4 ends
+the search; epoch 5 is final training.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bonsai_tf import genotype as G
+from bonsai_tf import memory as M
+from bonsai_tf import run_dir as rd
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEARCH = os.path.join(ROOT, "train", "search.py")
+KILLED = -signal.SIGKILL
+# What differs between two runs of the same computation.
+TIMING = {"seconds", "epoch_seconds", "memory_measured_mb", "search_seconds", "total_seconds"}
+
+
+def make_folder(path, classes=3, per_class=40, size=12, seed=0):
+    """class k = a bright quadrant k on noise: learnable in a few steps."""
+    from PIL import Image
+    rng = np.random.RandomState(seed)
+    half = size // 2
+    for label in range(classes):
+        d = os.path.join(path, f"c{label}")
+        os.makedirs(d, exist_ok=True)
+        for i in range(per_class):
+            x = rng.randint(0, 60, (size, size)).astype(np.uint8)
+            r, c = divmod(label, 2)
+            x[r * half:(r + 1) * half, c * half:(c + 1) * half] += 150
+            Image.fromarray(x).save(os.path.join(d, f"{i:03d}.png"))
+    return str(path)
+
+
+def budget_for_growth(batch=16):
+    """A budget that holds one pattern and 60% of a second one: the search grows once."""
+    g = G.initial("small", (12, 12, 1), 3, 4, 1, [["n"], ["r"]], 1)
+    one, two = M.estimate(g, batch)["mb"], M.estimate(G.grow(g), batch)["mb"]
+    return round(one + 0.6 * (two - one), 3)
+
+
+def search_flags(data, out, **over):
+    f = dict(dataset=f"folder:{data}", space="small", scale=4, nodes=1,
+             patterns='[["n"],["r"]]', max_patterns=2, epochs=5, search_epochs=4, batch_size=16,
+             val_size=20, prune_interval=1, cycle_len=1, lambda_edge=2, lambda_input=2,
+             gate_lr=0.02, lr_max=0.05, drop_path=0.1, memory_budget_mb=budget_for_growth(),
+             seed=3, output_dir=out)
+    f.update(over)
+    return ([f"--{k}={v}" for k, v in f.items()]
+            + ["--deterministic", "--noexport", "--verbose=0", "--nomeasure_memory"])
+
+
+def run(args, fault=None, code=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop(rd.FAULT_ENV, None)
+    if fault:
+        env[rd.FAULT_ENV] = fault
+    cmd = [sys.executable, SEARCH] if code is None else [sys.executable, "-c", code]
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=600)
+
+
+def tail(proc):
+    return f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+
+
+def records(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def checkpoints(run_dir):
+    """{checkpoint dir name: epoch of its state.json} of the complete checkpoints."""
+    out = {}
+    for name in ("checkpoint", "checkpoint.new", "checkpoint.old"):
+        path = os.path.join(run_dir, name, "state.json")
+        if os.path.exists(path):
+            out[name] = rd.read_json(path)["epoch"]
+    return out
+
+
+def snapshot(run_dir):
+    out = {}
+    for dirpath, _, files in os.walk(run_dir):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, run_dir)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def without_timing(d):
+    return {k: v for k, v in d.items() if k not in TIMING}
+
+
+def assert_same_result(run_dir, ref_dir):
+    got, want = records(run_dir), records(ref_dir)
+    assert [r["epoch"] for r in got] == [1, 2, 3, 4, 5], "every epoch exactly once"
+    for g, w in zip(got, want):
+        for key in ("val_accuracy", "val_loss", "params", "train_loss", "operations", "events"):
+            assert g[key] == w[key], (g["epoch"], key, g[key], w[key])
+        assert without_timing(g) == without_timing(w), g["epoch"]
+    assert without_timing(rd.read_json(os.path.join(run_dir, "metrics.json"))) == \
+        without_timing(rd.read_json(os.path.join(ref_dir, "metrics.json")))
+    g = G.Genotype.load(os.path.join(run_dir, "genotype.json"))
+    w = G.Genotype.load(os.path.join(ref_dir, "genotype.json"))
+    assert g.hash() == w.hash()
+    assert g.to_dict() == w.to_dict()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """The uninterrupted run everything is compared with."""
+    out = str(tmp_path_factory.mktemp("reference") / "run")
+    proc = run(search_flags(data, out))
+    assert proc.returncode == 0, tail(proc)
+    recs = records(out)
+    events = [" ".join(r["events"]) for r in recs]
+    # The kill points below are reached only after a checkpoint exists.
+    assert "grow" not in events[0] and "deadhead" not in events[0], events
+    assert "deadhead: removed" in events[1] and "grow: pattern 2" in events[1], events
+    assert "final network" in events[3] and recs[4]["phase"] == "final", events
+    return out
+
+
+# (fault point, epoch the process resumes from (None: it starts over), checkpoints it leaves)
+CHAIN = [
+    ("checkpoint", None, {"checkpoint.new": 1}),  # first checkpoint written, none in place
+    ("mid_epoch:2", None, {"checkpoint": 1}),     # an unswapped checkpoint.new is not trusted
+    ("deadhead", 1, {"checkpoint": 1}),
+    ("grow", 1, {"checkpoint": 1}),
+    ("checkpoint", 1, {"checkpoint": 1, "checkpoint.new": 2}),
+    ("checkpoint_swap", 1, {"checkpoint.old": 1, "checkpoint.new": 2}),
+    ("mid_epoch:5", 1, {"checkpoint": 4}),        # resumed from checkpoint.old; final phase
+    (None, 4, {"checkpoint": 5}),                 # no fault: finishes
+]
+
+
+def test_killed_at_every_fault_point_resumes_to_the_same_result(data, reference, tmp_path):
+    out = str(tmp_path / "run")
+    args = search_flags(data, out)
+    for step, (fault, resumes_from, left) in enumerate(CHAIN):
+        proc = run(args, fault=fault)
+        where = f"step {step}, fault {fault}: {tail(proc)}"
+        assert proc.returncode == (KILLED if fault else 0), where
+        assert "Traceback" not in proc.stderr, where
+        if resumes_from is None:
+            assert "resuming" not in proc.stderr, where
+        else:
+            assert f"resuming {out} at epoch {resumes_from} " in proc.stderr, where
+        assert checkpoints(out) == left, where
+        if fault == "grow":
+            # killed right after growing: genotype.json already has the grown network
+            assert len(G.Genotype.load(os.path.join(out, "genotype.json")).cells) == 2, where
+            assert len(rd.read_json(os.path.join(out, "checkpoint", "state.json"))
+                       ["genotype"]["cells"]) == 1, where
+    assert os.path.exists(os.path.join(out, "metrics.json"))
+    with open(os.path.join(out, "log.txt")) as f:
+        assert f.read().count("resuming") == 6
+    assert_same_result(out, reference)
+
+
+def test_same_seed_same_search(data, reference, tmp_path):
+    out = str(tmp_path / "run")
+    proc = run(search_flags(data, out))
+    assert proc.returncode == 0, tail(proc)
+    assert_same_result(out, reference)
+
+
+# Runs the CLI with a learning rate of 1e30 from the second epoch on: real divergence
+# after one good epoch (the flags cannot change mid-run).
+DIVERGE = f"""
+import sys
+sys.path.insert(0, {os.path.join(ROOT, "train")!r})
+import runner
+from bonsai_tf import engine
+set_lrs = engine.Run._set_lrs
+def diverging(self, epoch):
+    set_lrs(self, epoch)
+    if epoch >= 1:
+        for name in self.opt.lrs:
+            self.opt.set_lr(name, 1e30)
+engine.Run._set_lrs = diverging
+sys.exit(runner.main(sys.argv))
+"""
+
+
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_checkpoint(data, reference, tmp_path):
+    out = str(tmp_path / "run")
+    args = search_flags(data, out)
+    proc = run(args, code=DIVERGE)
+    assert proc.returncode == 2, tail(proc)
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, tail(proc)
+    for fragment in ("training loss became", "at epoch 2", "expected a finite loss",
+                     "--lr_max", "last good checkpoint"):
+        assert fragment in lines[0], lines[0]
+    assert checkpoints(out) == {"checkpoint": 1}
+    arrays, state = rd.load_checkpoint(out)
+    assert state["epoch"] == 1 and arrays
+    assert all(np.isfinite(v).all() for v in arrays.values() if v.dtype.kind == "f")
+    assert [r["epoch"] for r in records(out)] == [1]
+    assert not os.path.exists(os.path.join(out, "metrics.json"))
+    # The kept checkpoint is good: the same command without the divergence resumes from
+    # it and ends where the uninterrupted run did.
+    proc = run(args)
+    assert proc.returncode == 0, tail(proc)
+    assert f"resuming {out} at epoch 1 " in proc.stderr
+    assert_same_result(out, reference)
+
+
+def test_other_configuration_is_refused_unless_overwrite(data, reference, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(reference, out)
+    before = snapshot(out)
+    proc = run(search_flags(data, out, seed=4))
+    assert proc.returncode == 2, tail(proc)
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, tail(proc)
+    for fragment in ("different configuration", "differs in: seed", "--overwrite"):
+        assert fragment in lines[0], lines[0]
+    assert snapshot(out) == before
+
+    proc = run(search_flags(data, out, seed=4, epochs=2, search_epochs=1) + ["--overwrite"])
+    assert proc.returncode == 0, tail(proc)
+    assert "resuming" not in proc.stderr
+    config = rd.read_json(os.path.join(out, "config.json"))
+    assert (config["seed"], config["epochs"]) == (4, 2)
+    assert [r["epoch"] for r in records(out)] == [1, 2]
+    assert checkpoints(out) == {"checkpoint": 2}
+    assert os.path.exists(os.path.join(out, "metrics.json"))
