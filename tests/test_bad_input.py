@@ -27,6 +27,7 @@ import pytest
 from bonsai_tf import config as C
 from bonsai_tf import genotype as G
 from bonsai_tf import run_dir as rd
+from helpers import make_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEARCH = os.path.join(ROOT, "train", "search.py")
@@ -93,24 +94,6 @@ def assert_intact(run_dir, before):
     log_before, log_after = before.get("log.txt"), after.pop("log.txt", None)
     assert log_after is None or log_after.startswith(log_before or b"")
     assert after == {k: v for k, v in before.items() if k != "log.txt"}
-
-
-def make_folder(path, classes=3, per_class=40, size=12, seed=0, rgb=False):
-    """class k = a bright quadrant k on noise; rgb: R = G = that, B = 0 (a constant channel)."""
-    from PIL import Image
-    rng = np.random.RandomState(seed)
-    half = size // 2
-    for label in range(classes):
-        d = os.path.join(path, f"c{label}")
-        os.makedirs(d, exist_ok=True)
-        for i in range(per_class):
-            x = rng.randint(0, 60, (size, size)).astype(np.uint8)
-            r, c = divmod(label, 2)
-            x[r * half:(r + 1) * half, c * half:(c + 1) * half] += 150
-            if rgb:
-                x = np.stack([x, x, np.zeros_like(x)], -1)
-            Image.fromarray(x).save(os.path.join(d, f"{i:03d}.png"))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

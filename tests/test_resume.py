@@ -26,6 +26,7 @@ import pytest
 from bonsai_tf import genotype as G
 from bonsai_tf import memory as M
 from bonsai_tf import run_dir as rd
+from helpers import make_folder
 
 pytestmark = pytest.mark.slow
 
@@ -34,22 +35,6 @@ SEARCH = os.path.join(ROOT, "train", "search.py")
 KILLED = -signal.SIGKILL
 # What differs between two runs of the same computation.
 TIMING = {"seconds", "epoch_seconds", "memory_measured_mb", "search_seconds", "total_seconds"}
-
-
-def make_folder(path, classes=3, per_class=40, size=12, seed=0):
-    """class k = a bright quadrant k on noise: learnable in a few steps."""
-    from PIL import Image
-    rng = np.random.RandomState(seed)
-    half = size // 2
-    for label in range(classes):
-        d = os.path.join(path, f"c{label}")
-        os.makedirs(d, exist_ok=True)
-        for i in range(per_class):
-            x = rng.randint(0, 60, (size, size)).astype(np.uint8)
-            r, c = divmod(label, 2)
-            x[r * half:(r + 1) * half, c * half:(c + 1) * half] += 150
-            Image.fromarray(x).save(os.path.join(d, f"{i:03d}.png"))
-    return str(path)
 
 
 def budget_for_growth(batch=16):
