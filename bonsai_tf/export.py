@@ -152,8 +152,9 @@ def export_model(model, splits, out_dir, representative_count=200, seed=0, batch
     t = time.time()
     from bonsai_tf import data as data_lib
     representative = data_lib.representative_images(splits, representative_count, seed)
-    rd.atomic_write(os.path.join(out_dir, TFLITE_INT8_FILE),
-                    tflite_int8(model, image_shape, representative), "wb")
+    int8_blob, int8_choice = choose_int8(model, image_shape, representative, splits.val,
+                                         num_threads=num_threads, batch_size=batch_size)
+    rd.atomic_write(os.path.join(out_dir, TFLITE_INT8_FILE), int8_blob, "wb")
     seconds["tflite_int8"] = time.time() - t
 
     # Everything is measured from the files on disk: what was written is what is vouched for.
@@ -184,6 +185,8 @@ def export_model(model, splits, out_dir, representative_count=200, seed=0, batch
             entry.update(input_scale=scale, input_zero_point=zero_point,
                          raw_pixel_input=bool(scale == 1.0 and zero_point == 0))
         entry.update(_agreement(lite(test_x), reference, test_y))
+        if kind == "tflite_int8":
+            entry.update(int8_choice)
         artifacts[name] = entry
     seconds["evaluate"] = time.time() - t
     seconds["total"] = time.time() - started
@@ -295,8 +298,13 @@ def tflite_float(model, image_shape):
     return _convert(converter, "float32")
 
 
-def tflite_int8(model, image_shape, representative):
-    """Full-integer TFLite flatbuffer (bytes) calibrated on uint8 `representative` images."""
+def tflite_int8(model, image_shape, representative, per_channel=True):
+    """Full-integer TFLite flatbuffer (bytes) calibrated on uint8 `representative` images.
+
+    per_channel=False quantizes each weight tensor with one scale: a smaller file (no
+    per-channel scale and zero-point arrays, which weigh much in a small network) at
+    some risk to accuracy; `export_model` picks between the two on validation data.
+    """
     import tensorflow as tf
 
     representative = np.asarray(representative)
@@ -321,7 +329,38 @@ def tflite_int8(model, image_shape, representative):
             yield [image[None].astype(np.float32)]
 
     converter.representative_dataset = samples
+    if not per_channel:
+        # The converter's only switch for per-tensor weight scales (TF 2.21).
+        converter._experimental_disable_per_channel = True
     return _convert(converter, "int8")
+
+
+# Per-tensor int8 is kept when it loses at most this much validation accuracy
+# against per-channel int8: the file is smaller and the loss is within noise.
+PER_TENSOR_TOLERANCE = 0.0025
+
+
+def choose_int8(model, image_shape, representative, val, num_threads=None, batch_size=256):
+    """(flatbuffer, record): per-channel or per-tensor int8, chosen on validation data.
+
+    The choice never looks at the test split, whose accuracy export.json reports.
+    """
+    candidates = {}
+    for mode, per_channel in (("per-channel", True), ("per-tensor", False)):
+        blob = tflite_int8(model, image_shape, representative, per_channel)
+        accuracy = None
+        if len(val[1]):
+            lite = TFLiteClassifier(blob, num_threads=num_threads, batch_size=batch_size)
+            accuracy = _accuracy(lite(val[0]), val[1])
+        candidates[mode] = (blob, accuracy)
+    (pc, pc_acc), (pt, pt_acc) = candidates["per-channel"], candidates["per-tensor"]
+    use_tensor = pc_acc is not None and pt_acc >= pc_acc - PER_TENSOR_TOLERANCE
+    record = {"quantization": "per-tensor" if use_tensor else "per-channel",
+              "candidates": {m: {"size_bytes": len(b), "val_accuracy": a}
+                             for m, (b, a) in candidates.items()},
+              "rule": f"per-tensor when its validation accuracy is within "
+                      f"{PER_TENSOR_TOLERANCE * 100:g} points of per-channel's"}
+    return (pt if use_tensor else pc), record
 
 
 def _convert(converter, what):
