@@ -35,6 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from bonsai_tf import cli  # noqa: E402
 from bonsai_tf import export as export_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -47,13 +48,7 @@ flags.DEFINE_integer("num_threads", 0, "Threads for TensorFlow (intra-op) and TF
 flags.DEFINE_string("out", os.path.join(REPO, "bench", "results", "inference.json"),
                     "Where to write the figures (JSON).")
 
-EXIT_BAD_INPUT = 2
 MODELS = ("keras", "saved_model", "tflite", "tflite_int8")
-
-
-def _error(message):
-    print("error: " + " ".join(str(message).split()), file=sys.stderr)
-    return EXIT_BAD_INPUT
 
 
 def _cpu_name():
@@ -193,33 +188,33 @@ def main(argv):
         try:
             argv = FLAGS(list(argv))
         except flags.Error as e:
-            return _error(f"{e}: expected the flags that --help lists")
+            return cli.error(f"{e}: expected the flags that --help lists")
     if len(argv) > 1:
-        return _error(f"unexpected argument(s) {argv[1:]}: expected only flags")
+        return cli.error(f"unexpected argument(s) {argv[1:]}: expected only flags")
     if not FLAGS.run_dir:
-        return _error("no --run_dir given: expected --run_dir=DIR, the directory of a "
+        return cli.error("no --run_dir given: expected --run_dir=DIR, the directory of a "
                       "finished run")
     try:
         batch_sizes = [int(b) for b in FLAGS.batch_sizes]
     except ValueError:
         batch_sizes = []
     if not batch_sizes or min(batch_sizes) < 1:
-        return _error(f"--batch_sizes={','.join(FLAGS.batch_sizes)}: expected positive "
+        return cli.error(f"--batch_sizes={','.join(FLAGS.batch_sizes)}: expected positive "
                       "integers such as 1,64")
     for name in ("runs", "warmup", "num_threads"):
         if getattr(FLAGS, name) < (1 if name == "runs" else 0):
-            return _error(f"--{name}={getattr(FLAGS, name)}: expected an integer >= "
+            return cli.error(f"--{name}={getattr(FLAGS, name)}: expected an integer >= "
                           f"{1 if name == 'runs' else 0}")
     try:
         export_lib.check_finished_run(FLAGS.run_dir)
         figures = bench(FLAGS.run_dir, batch_sizes, FLAGS.runs, FLAGS.warmup, FLAGS.num_threads)
     except export_lib.ExportError as e:
-        return _error(e)
+        return cli.error(e)
     from bonsai_tf import run_dir as rd
     try:
         rd.write_json(FLAGS.out, figures)
     except rd.RunDirError as e:
-        return _error(e)
+        return cli.error(e)
     print(f"{figures['run_dir']}: {figures['params']} parameters, {figures['host']['cpu']}, "
           f"{figures['num_threads']} threads, artifacts {figures['artifacts']}")
     print(format_table(figures))
@@ -227,12 +222,5 @@ def main(argv):
     return 0
 
 
-def _parse_flags(argv):
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        sys.exit(_error(f"{e}: expected the flags that --help lists"))
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.flags_parser(FLAGS))

@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import math
 import os
-import random
 import time
 
 import keras
@@ -544,7 +543,6 @@ class Run:
         st = self.state
         st.genotype = self.net.current_genotype().to_dict()
         state = dataclasses.asdict(st)
-        state["python_random"] = repr(random.getstate())
         rd.write_metrics(os.path.join(self.run_dir, "metrics.jsonl"), self.records)
         rd.save_checkpoint(self.run_dir, self._arrays(), state)
         self._write_genotype()
@@ -555,7 +553,6 @@ class Run:
             raise rd.RunDirError(f"checkpoint state version {state.get('version')!r}; expected "
                                  f"{STATE_VERSION}: resume it with the bonsai-tf that wrote it, or "
                                  f"pass --overwrite to start over")
-        state.pop("python_random", None)
         try:
             self.state = State(**state)
             genotype_lib.Genotype.from_dict(self.state.genotype)

@@ -374,7 +374,19 @@ def _convert(converter, what):
 
 # --------------------------------------------------------------------------- running
 
-class TFLiteClassifier:
+class _Classifier:
+    """Runs `run_batch` (uint8 images -> probabilities) over inputs of any length."""
+
+    def __call__(self, images):
+        images = _check_images(images, self.image_shape)
+        out = np.empty((len(images), self.num_classes), np.float32)
+        for start in range(0, len(images), self.batch_size):
+            out[start:start + self.batch_size] = self.run_batch(
+                images[start:start + self.batch_size])
+        return out
+
+
+class TFLiteClassifier(_Classifier):
     """Runs a .tflite classifier with ai-edge-litert on uint8 images.
 
     Batches are run by resizing the input tensor, so any batch size works.  Integer
@@ -447,16 +459,8 @@ class TFLiteClassifier:
         self._interpreter.invoke()
         return self._finish(self._interpreter.get_tensor(self._output["index"]))
 
-    def __call__(self, images):
-        images = _check_images(images, self.image_shape)
-        out = np.empty((len(images), self.num_classes), np.float32)
-        for start in range(0, len(images), self.batch_size):
-            out[start:start + self.batch_size] = self.run_batch(
-                images[start:start + self.batch_size])
-        return out
 
-
-class SavedModelClassifier:
+class SavedModelClassifier(_Classifier):
     """Runs the ``serving_default`` signature of an exported SavedModel on uint8 images."""
 
     def __init__(self, path, batch_size=256):
@@ -496,14 +500,6 @@ class SavedModelClassifier:
 
         out = self._fn(**{self._input_name: tf.cast(tf.constant(images), self._dtype)})
         return out["probabilities"].numpy()
-
-    def __call__(self, images):
-        images = _check_images(images, self.image_shape)
-        out = np.empty((len(images), self.num_classes), np.float32)
-        for start in range(0, len(images), self.batch_size):
-            out[start:start + self.batch_size] = self.run_batch(
-                images[start:start + self.batch_size])
-        return out
 
 
 def load_classifier(path, num_threads=None, batch_size=256):

@@ -19,6 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from bonsai_tf import cli  # noqa: E402
 from bonsai_tf import export as export_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -29,12 +30,6 @@ flags.DEFINE_integer("seed", 0, "Seed picking the calibration images.")
 flags.DEFINE_integer("batch_size", 256, "Evaluation batch size.")
 flags.DEFINE_integer("num_threads", 0, "TFLite interpreter threads; 0 = all cores.")
 
-EXIT_BAD_INPUT = 2
-
-
-def _error(message):
-    print("error: " + " ".join(str(message).split()), file=sys.stderr)
-    return EXIT_BAD_INPUT
 
 
 def main(argv):
@@ -46,17 +41,17 @@ def main(argv):
         try:
             argv = FLAGS(list(argv))
         except flags.Error as e:
-            return _error(f"{e}: expected the flags that --help lists")
+            return cli.error(f"{e}: expected the flags that --help lists")
     if len(argv) > 1:
-        return _error(f"unexpected argument(s) {argv[1:]}: expected only flags, such as "
+        return cli.error(f"unexpected argument(s) {argv[1:]}: expected only flags, such as "
                       "--run_dir=DIR")
     if not FLAGS.run_dir:
-        return _error("no --run_dir given: expected --run_dir=DIR, the directory of a "
+        return cli.error("no --run_dir given: expected --run_dir=DIR, the directory of a "
                       "finished run")
     try:
         export_lib.check_finished_run(FLAGS.run_dir)
     except export_lib.ExportError as e:
-        return _error(e)
+        return cli.error(e)
     # Imported only now: a bad --run_dir is reported without waiting for TensorFlow.
     from bonsai_tf import data as data_lib
     from bonsai_tf import run_dir as rd
@@ -65,7 +60,7 @@ def main(argv):
             FLAGS.run_dir, representative_count=FLAGS.representative_count, seed=FLAGS.seed,
             batch_size=FLAGS.batch_size, num_threads=FLAGS.num_threads or None)
     except (export_lib.ExportError, rd.RunDirError, data_lib.DataError) as e:
-        return _error(e)
+        return cli.error(e)
     print(format_table(result))
     print(f"wrote {os.path.join(FLAGS.run_dir, export_lib.EXPORT_FILE)}")
     return 0
@@ -83,12 +78,5 @@ def format_table(result):
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def _parse_flags(argv):
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        sys.exit(_error(f"{e}: expected the flags that --help lists"))
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.flags_parser(FLAGS))

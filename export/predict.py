@@ -20,6 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from bonsai_tf import cli  # noqa: E402
 from bonsai_tf import export as export_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -27,12 +28,6 @@ flags.DEFINE_string("model", None, "A .tflite file or a SavedModel directory wri
                     "export/export.py.")
 flags.DEFINE_integer("num_threads", 0, "TFLite interpreter threads; 0 = all cores.")
 
-EXIT_BAD_INPUT = 2
-
-
-def _error(message):
-    print("error: " + " ".join(str(message).split()), file=sys.stderr)
-    return EXIT_BAD_INPUT
 
 
 def main(argv):
@@ -47,15 +42,15 @@ def main(argv):
         try:
             argv = FLAGS(list(argv))
         except flags.Error as e:
-            return _error(f"{e}: expected the flags that --help lists")
+            return cli.error(f"{e}: expected the flags that --help lists")
     paths = argv[1:]
     if not FLAGS.model:
-        return _error("no --model given: expected --model=PATH, a .tflite file or a "
+        return cli.error("no --model given: expected --model=PATH, a .tflite file or a "
                       "SavedModel directory")
     if not paths:
-        return _error("no images given: expected one or more image files after the flags")
+        return cli.error("no images given: expected one or more image files after the flags")
     if not os.path.exists(FLAGS.model):
-        return _error(f"model {FLAGS.model!r} does not exist: expected a .tflite file or a "
+        return cli.error(f"model {FLAGS.model!r} does not exist: expected a .tflite file or a "
                       "SavedModel directory")
     try:
         # Images are decoded before the model loads so that a bad file is reported alone.
@@ -64,7 +59,7 @@ def main(argv):
         batch = np.stack([export_lib.image_to_array(im, model.image_shape) for im in images])
         probabilities = model(batch)
     except export_lib.ExportError as e:
-        return _error(e)
+        return cli.error(e)
     names = export_lib.find_class_names(FLAGS.model)
     if names is not None and len(names) != model.num_classes:
         names = None  # a dataset.json of another model: indices are at least not wrong
@@ -74,12 +69,5 @@ def main(argv):
     return 0
 
 
-def _parse_flags(argv):
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        sys.exit(_error(f"{e}: expected the flags that --help lists"))
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.flags_parser(FLAGS))
