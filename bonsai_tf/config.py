@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 
 from bonsai_tf import genotype as genotype_lib
 from bonsai_tf import space as space_lib
@@ -14,12 +15,29 @@ class ConfigError(ValueError):
     """A configuration value out of range or of the wrong type."""
 
 
+VAL_SIZE_EXPECTED = ("a count >= 0 of training examples (e.g. 5000) or a fraction in (0, 1) "
+                     "of the training split (e.g. 0.1)")
+
+
+def _val_size(v):
+    """`v` as an int count or a float fraction in (0, 1), else ConfigError.
+
+    A whole float (5000.0, as a float flag or JSON may give it) is the count.
+    """
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer() and v >= 1:
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (
+            isinstance(v, int) and v < 0) or (isinstance(v, float) and not 0 <= v < 1):
+        raise ConfigError(f"val_size = {v!r}; expected {VAL_SIZE_EXPECTED}")
+    return 0 if v == 0 else v
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     # data
     dataset: str = "fashion_mnist"
     data_dir: str = ""
-    val_size: int = 5000
+    val_size: int = 5000           # a count, or a float in (0, 1): that fraction of the train split
     train_subset: int = 0          # 0 = all; searches may use a subset
     final_subset: int = 0          # 0 = all training data for the final network
     image_size: tuple = ()         # folder datasets: resize to (h, w)
@@ -64,7 +82,7 @@ class RunConfig:
         def check(cond, name, expected):
             if not cond:
                 raise ConfigError(f"{name} = {getattr(self, name)!r}; expected {expected}")
-        ints = ("val_size", "train_subset", "final_subset", "scale", "nodes", "stem_stride", "max_patterns",
+        ints = ("train_subset", "final_subset", "scale", "nodes", "stem_stride", "max_patterns",
                 "reduction_target", "epochs", "search_epochs", "batch_size", "prune_interval",
                 "cycle_len", "seed", "steps_per_epoch")
         for name in ints:
@@ -77,6 +95,11 @@ class RunConfig:
             check(isinstance(getattr(self, name), (int, float)) and not isinstance(
                 getattr(self, name), bool), name, "a number")
         check(self.strategy in STRATEGIES, "strategy", f"one of {STRATEGIES}")
+        if self.strategy in ("random", "fixed"):
+            # No search: a flagfile's search_epochs (say the quick one's 5 with a shorter
+            # --epochs for a retraining) must not make the run invalid.
+            object.__setattr__(self, "search_epochs", 0)
+        object.__setattr__(self, "val_size", _val_size(self.val_size))
         check(self.augment in AUGMENT, "augment", f"one of {AUGMENT} ('' = the dataset's default)")
         check(self.space in space_lib.SPACES, "space", f"one of {sorted(space_lib.SPACES)}")
         check(self.scale >= 1, "scale", ">= 1")
@@ -87,7 +110,6 @@ class RunConfig:
         check(self.epochs >= 1, "epochs", ">= 1")
         check(0 <= self.search_epochs <= self.epochs, "search_epochs", f"in [0, epochs={self.epochs}]")
         check(self.batch_size >= 1, "batch_size", ">= 1")
-        check(self.val_size >= 0, "val_size", ">= 0")
         check(self.train_subset >= 0, "train_subset", ">= 0")
         check(self.final_subset >= 0, "final_subset", ">= 0")
         check(self.lr_max > 0, "lr_max", "> 0")

@@ -88,20 +88,21 @@ _UNKNOWN_NAME_HINT = ("expected fashion_mnist, a TFDS image-classification name 
 
 # --------------------------------------------------------------------------- loading
 
-def load_dataset(name: str, data_dir: str | None = None, *, val_size: int = 5000,
+def load_dataset(name: str, data_dir: str | None = None, *, val_size: int | float = 5000,
                  train_subset: int | None = None, seed: int = 0,
                  image_size: tuple | None = None) -> Splits:
     """Loads a dataset into memory and splits off a seeded validation set.
 
     name: ``fashion_mnist``, ``cifar10``/``cifar100`` (python archive in data_dir, else
       TFDS), any TFDS image-classification name, or ``folder:PATH``.
-    val_size: training examples held out (seeded) for validation; may be 0.
+    val_size: training examples held out (seeded) for validation: a count (may be 0)
+      or a float in (0, 1), that fraction of the training split, rounded.
     train_subset: keep only this many of the remaining training examples (seeded).
     image_size: (height, width) to resize every image to.
     """
     if not isinstance(name, str) or not name.strip():
         raise DataError(f"unknown dataset {name!r}: {_UNKNOWN_NAME_HINT}")
-    _check_int("val_size", val_size, minimum=0)
+    val_size = _check_val_size(val_size)
     if train_subset is not None:
         _check_int("train_subset", train_subset, minimum=1)
     _check_int("seed", seed, minimum=0)
@@ -161,6 +162,21 @@ def _check_int(what, value, minimum):
         raise DataError(f"{what}={value!r} is invalid: expected an integer >= {minimum}")
 
 
+def _check_val_size(val_size):
+    """An int count >= 0 or a float fraction in (0, 1); a whole float is the count."""
+    if isinstance(val_size, (float, np.floating)) and not isinstance(val_size, bool):
+        v = float(val_size)
+        if np.isfinite(v) and 0 < v < 1:
+            return v
+        if np.isfinite(v) and v.is_integer() and v >= 0:
+            return int(v)
+    elif isinstance(val_size, (int, np.integer)) and not isinstance(val_size, bool) \
+            and val_size >= 0:
+        return int(val_size)
+    raise DataError(f"val_size={val_size!r} is invalid: expected a count >= 0 of training "
+                    "examples or a fraction in (0, 1) of the training split")
+
+
 def _check_image_size(image_size):
     try:
         h, w = image_size
@@ -198,16 +214,21 @@ def _check_arrays(name, raw):
 
 def _split_train(name, x, y, val_size, train_subset, seed):
     n = len(x)
+    asked = f"val_size={val_size}"
+    if isinstance(val_size, float):
+        # At least one example: a fraction > 0 asks for a validation set.
+        count = max(1, int(round(val_size * n)))
+        asked += f" ({count} of {n} examples)"
+        val_size = count
     if val_size >= n:
-        raise DataError(f"val_size={val_size} is too large for {name!r}: expected fewer than "
-                        f"its {n} training examples")
+        raise DataError(f"{asked} is too large for {name!r}: expected fewer than its {n} "
+                        "training examples")
     perm = np.random.default_rng(seed).permutation(n)
     val_idx, rest = perm[:val_size], perm[val_size:]
     if train_subset is not None:
         if train_subset > len(rest):
             raise DataError(f"train_subset={train_subset} is too large for {name!r}: expected "
-                            f"at most the {len(rest)} training examples left after val_size="
-                            f"{val_size}")
+                            f"at most the {len(rest)} training examples left after {asked}")
         rest = rest[:train_subset]
     # Sorted indices keep the copies cache-friendly; order is irrelevant because
     # make_dataset shuffles.
@@ -264,15 +285,21 @@ def _load_fashion_mnist(data_dir):
             return _read_fashion_idx(files, data_dir)
         if os.path.isdir(os.path.join(data_dir, "fashion_mnist")):
             return _load_tfds("fashion_mnist", data_dir, None)
-        # data_dir is often shared with TFDS datasets, so fall back to the system copy.
-        _log.info("no Fashion-MNIST files in %s; trying %s", data_dir, FASHION_MNIST_DIR)
+        # No fallback to the system copy: a data_dir that was named but holds nothing
+        # is a mistake (a wrong path), and training on other data would hide it.
+        raise DataError(f"no Fashion-MNIST files in data_dir {data_dir}: expected the IDX "
+                        f"files {_fashion_names()} (gzipped or not), or a TFDS-prepared "
+                        f"fashion_mnist/ folder; without data_dir {FASHION_MNIST_DIR} is read")
     files = _find_idx_files(FASHION_MNIST_DIR) if os.path.isdir(FASHION_MNIST_DIR) else {}
     if files:
         return _read_fashion_idx(files, FASHION_MNIST_DIR)
-    searched = FASHION_MNIST_DIR if data_dir is None else f"{data_dir} and {FASHION_MNIST_DIR}"
-    raise DataError(f"Fashion-MNIST IDX files not found in {searched}: expected "
-                    f"{_FASHION_FILES['train_images']}.gz etc.; run `apt-get install "
-                    "dataset-fashion-mnist` or pass --data_dir")
+    raise DataError(f"Fashion-MNIST IDX files not found in {FASHION_MNIST_DIR}: expected "
+                    f"{_fashion_names()}; run `apt-get install dataset-fashion-mnist` or pass "
+                    "--data_dir")
+
+
+def _fashion_names():
+    return ", ".join(base + ".gz" for base in _FASHION_FILES.values())
 
 
 def _read_fashion_idx(files, directory):
@@ -289,8 +316,9 @@ def _read_fashion_idx(files, directory):
         if len(x) != len(y):
             raise DataError(f"{files[xf]} holds {len(x)} images but {files[yf]} holds "
                             f"{len(y)} labels: expected the same count")
+    used = ", ".join(os.path.basename(files[k]) for k in _FASHION_FILES)
     return _Raw(train_x, train_y, test_x, test_y, FASHION_MNIST_CLASSES,
-                source=f"Fashion-MNIST IDX files in {directory}")
+                source=f"Fashion-MNIST IDX files in {os.path.abspath(directory)}: {used}")
 
 
 def read_idx(path, ndim):

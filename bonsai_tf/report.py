@@ -24,8 +24,16 @@ SHORT_OPS = {
     "identity": "id", "conv_3x3": "conv3", "conv_1x1": "conv1", "zero": "zero",
 }
 
-_EVENT_COLOURS = {"deadhead": "#d62728", "grow": "#2ca02c"}
-_OTHER_EVENT_COLOUR = "#7f7f7f"
+# One colour AND one line style per kind of event, so kinds stay apart in grey print
+# and for colour-blind readers: (kind, legend label, colour, line style).
+EVENT_STYLES = (
+    ("deadhead", "deadhead", "#d62728", ":"),
+    ("grow", "grow", "#2ca02c", "--"),
+    ("final", "final network", "#1f77b4", "-."),
+    ("cycle", "compression cycle", "#9467bd", (0, (5, 1.5, 1, 1.5, 1, 1.5))),
+    ("other", "other event", "#7f7f7f", (0, (1, 3))),
+)
+_EVENT_STYLE = {kind: (label, colour, ls) for kind, label, colour, ls in EVENT_STYLES}
 _FINAL_SHADE = "#ffe9a8"
 _DPI = 120
 
@@ -97,7 +105,18 @@ def _events(rec):
 
 
 def _event_kind(text):
-    return text.split(":", 1)[0].strip().lower()
+    """deadhead, grow, final, cycle or other, from the text engine.py writes
+    ("compression cycle 2: pressure x4", "final network: ...")."""
+    head = text.split(":", 1)[0].strip().lower()
+    if head.startswith("deadhead"):
+        return "deadhead"
+    if head.startswith("grow"):
+        return "grow"
+    if head.startswith("final"):
+        return "final"
+    if head.startswith("compression cycle"):
+        return "cycle"
+    return "other"
 
 
 # ---- training curves ---------------------------------------------------------
@@ -137,25 +156,29 @@ def _decorate(ax, records, epochs):
         ax.axvspan(first - 0.5, last + 0.5, color=_FINAL_SHADE, alpha=0.6, zorder=0, lw=0)
     if any(finals):
         handles.append(Patch(color=_FINAL_SHADE, alpha=0.6, label="final phase"))
-    seen = {}
+    order = [kind for kind, *_ in EVENT_STYLES]
+    seen = set()
     for rec, e in zip(records, epochs):
         evs = _events(rec)
         if not evs:
             continue
-        kinds = sorted({_event_kind(t) for t in evs})
+        kinds = sorted({_event_kind(t) for t in evs}, key=order.index)
         # Side by side where one epoch both deadheads and grows, so neither hides.
         for i, kind in enumerate(kinds):
-            colour = _EVENT_COLOURS.get(kind, _OTHER_EVENT_COLOUR)
-            ax.axvline(e + 0.08 * (i - (len(kinds) - 1) / 2), color=colour, ls=":", lw=1.2,
-                       zorder=1)
-            seen.setdefault(kind, colour)
-    for kind, colour in seen.items():
-        handles.append(Line2D([], [], color=colour, ls=":", lw=1.2, label=kind))
+            _, colour, ls = _EVENT_STYLE[kind]
+            ax.axvline(e + 0.08 * (i - (len(kinds) - 1) / 2), color=colour, ls=ls, lw=1.2,
+                       zorder=1, gid=f"event:{kind}")
+            seen.add(kind)
+    for kind in order:
+        if kind in seen:
+            label, colour, ls = _EVENT_STYLE[kind]
+            handles.append(Line2D([], [], color=colour, ls=ls, lw=1.2, label=label))
     return handles
 
 
-def _curve_plot(records, epochs, lines, title, ylabel, path, formatter=None, hlines=()):
-    """One plot of `lines` ((label, values, style), ...) against epoch."""
+def _curve_figure(records, epochs, lines, title, ylabel, formatter=None, hlines=()):
+    """One figure of `lines` ((label, values, style), ...) against epoch; `hlines`:
+    ((value, label, style), ...) drawn across the whole plot."""
     from matplotlib.ticker import MaxNLocator
 
     fig = _new_figure((8.0, 3.8))
@@ -168,11 +191,11 @@ def _curve_plot(records, epochs, lines, title, ylabel, path, formatter=None, hli
             continue
         # NaN breaks the line at missing epochs instead of bridging over them.
         ys = [math.nan if v is None else v for v in values]
-        ax.plot(epochs, ys, marker="o", ms=3.5, label=label, zorder=3, **style)
+        ax.plot(epochs, ys, label=label, **{"marker": "o", "ms": 3.5, "zorder": 3, **style})
         plotted = True
-    for i, (value, label) in enumerate(hlines):
-        ax.axhline(value, color="#555555", ls="--", lw=1.0, zorder=2,
-                   label=label if i == 0 else None)
+    for value, label, style in hlines:
+        ax.axhline(value, label=label, **{"color": "#555555", "ls": "--", "lw": 1.0,
+                                          "zorder": 2, **style})
     if not plotted:
         ax.text(0.5, 0.5, "no data recorded", transform=ax.transAxes, ha="center",
                 va="center", color="#888888")
@@ -193,50 +216,68 @@ def _curve_plot(records, epochs, lines, title, ylabel, path, formatter=None, hli
         ax.legend(handles=h + handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
                   borderaxespad=0.0, frameon=False)
     fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return fig
 
 
-def plot_metrics(records, out_dir):
+def metric_figures(records, memory_budget_mb=None):
+    """{name: matplotlib Figure} for accuracy, compression, params and memory, drawn
+    from per-epoch records (the lines of metrics.jsonl).
+
+    memory_budget_mb: the run's budget (config.json), drawn on the memory plot when > 0.
+    """
+    from matplotlib.ticker import EngFormatter
+
+    records = [r for r in records if isinstance(r, dict)]
+    epochs = _epochs(records)
+    figures = {}
+    figures["accuracy"] = _curve_figure(
+        records, epochs,
+        [("validation", _series(records, "val_accuracy"), {"color": "#1f77b4"}),
+         ("training", _series(records, "train_accuracy"), {"color": "#ff7f0e"})],
+        "Accuracy", "accuracy")
+
+    # The growth threshold e_c(n) and the loss's aim change with the pattern count n,
+    # so each is drawn as recorded, epoch by epoch: a step where it changes (a growth),
+    # a gap where it is null (the final phase).
+    step = {"drawstyle": "steps-post", "marker": None, "lw": 1.2}
+    figures["compression"] = _curve_figure(
+        records, epochs,
+        [("compression", _series(records, "compression"), {"color": "#9467bd"}),
+         ("growth threshold (target)", _series(records, "target"),
+          dict(step, color="#555555", ls="--")),
+         ("aim", _series(records, "aim"), dict(step, color="#8c564b", ls="-."))],
+        "Compression", "compression")
+
+    figures["params"] = _curve_figure(
+        records, epochs,
+        [("parameters", _series(records, "params"), {"color": "#17becf"})],
+        "Parameters", "parameters", formatter=EngFormatter())
+
+    budget = _number(memory_budget_mb)
+    figures["memory"] = _curve_figure(
+        records, epochs,
+        [("predicted", _series(records, "memory_mb"), {"color": "#e377c2"}),
+         ("measured", _series(records, "memory_measured_mb"), {"color": "#7f7f7f"})],
+        "Training memory", "memory (MB)",
+        hlines=[(budget, f"budget ({_fmt(budget)} MB)",
+                 {"color": "#000000", "ls": (0, (8, 3))})]
+        if budget is not None and budget > 0 else ())
+    return figures
+
+
+def plot_metrics(records, out_dir, memory_budget_mb=None):
     """Writes accuracy.png, compression.png, params.png and memory.png into out_dir
     from per-epoch records (the lines of metrics.jsonl); returns their paths.
 
     Every plot is written even without data, so a report's links never break.
+    memory_budget_mb: as metric_figures.
     """
-    from matplotlib.ticker import EngFormatter
-
     os.makedirs(out_dir, exist_ok=True)
-    records = [r for r in records if isinstance(r, dict)]
-    epochs = _epochs(records)
     paths = []
-
-    def out(name):
-        return os.path.join(out_dir, name + ".png")
-
-    paths.append(_curve_plot(
-        records, epochs,
-        [("validation", _series(records, "val_accuracy"), {"color": "#1f77b4"}),
-         ("training", _series(records, "train_accuracy"), {"color": "#ff7f0e"})],
-        "Accuracy", "accuracy", out("accuracy")))
-
-    targets = sorted({v for v in _series(records, "target") if v is not None})
-    paths.append(_curve_plot(
-        records, epochs,
-        [("compression", _series(records, "compression"), {"color": "#9467bd"}),
-         ("aim", _series(records, "aim"), {"color": "#8c564b", "ls": "-.", "lw": 1.0})],
-        "Compression", "compression", out("compression"),
-        hlines=[(t, "growth threshold (target)") for t in targets]))
-
-    paths.append(_curve_plot(
-        records, epochs,
-        [("parameters", _series(records, "params"), {"color": "#17becf"})],
-        "Parameters", "parameters", out("params"), formatter=EngFormatter()))
-
-    paths.append(_curve_plot(
-        records, epochs,
-        [("predicted", _series(records, "memory_mb"), {"color": "#e377c2"}),
-         ("measured", _series(records, "memory_measured_mb"), {"color": "#7f7f7f"})],
-        "Training memory", "memory (MB)", out("memory")))
+    for name, fig in metric_figures(records, memory_budget_mb).items():
+        path = os.path.join(out_dir, name + ".png")
+        fig.savefig(path)
+        paths.append(path)
     return paths
 
 
@@ -665,11 +706,12 @@ def write_report(run_dir):
     if not records:
         lines += ["No epochs recorded yet.", ""]
     else:
-        for p in plot_metrics(records, run_dir):
+        for p in plot_metrics(records, run_dir, (config or {}).get("memory_budget_mb")):
             stem = os.path.splitext(os.path.basename(p))[0]
             lines += [f"![{stem}]({os.path.basename(p)})", ""]
-        lines += ["Dotted vertical lines mark epochs with events; the shaded band is the "
-                  "final (fixed architecture) phase.", ""]
+        lines += ["Vertical lines mark epochs with events, one colour and line style per "
+                  "kind (see the legends); the shaded band is the final (fixed "
+                  "architecture) phase.", ""]
 
     lines += ["## Cells", ""]
     cells = genotype.get("cells") if genotype else None

@@ -56,9 +56,10 @@ def main(argv):
     from bonsai_tf import data as data_lib
     from bonsai_tf import run_dir as rd
     try:
-        result = export_lib.export_run(
-            FLAGS.run_dir, representative_count=FLAGS.representative_count, seed=FLAGS.seed,
-            batch_size=FLAGS.batch_size, num_threads=FLAGS.num_threads or None)
+        with cli.dropping_stderr_lines(cli.EXPORT_NOISE):  # the converter's debug lines
+            result = export_lib.export_run(
+                FLAGS.run_dir, representative_count=FLAGS.representative_count, seed=FLAGS.seed,
+                batch_size=FLAGS.batch_size, num_threads=FLAGS.num_threads or None)
     except (export_lib.ExportError, rd.RunDirError, data_lib.DataError) as e:
         return cli.error(e)
     print(format_table(result))

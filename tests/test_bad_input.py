@@ -146,6 +146,9 @@ FLAG_CASES = [
     (["--cycle_len=0"], ["cycle_len = 0", ">= 1"]),
     (["--memory_budget_mb=-1"], ["memory_budget_mb = -1.0", ">= 0"]),
     (["--val_size=-1"], ["val_size = -1", ">= 0"]),
+    (["--val_size=1.5"], ["val_size = 1.5", "a fraction in (0, 1)"]),
+    (["--val_size=-0.1"], ["val_size = -0.1", "a count >= 0"]),
+    (["--val_size=inf"], ["val_size = inf", "a fraction in (0, 1)"]),
     (["--train_subset=-1"], ["train_subset = -1", ">= 0"]),
     (["--final_subset=-1"], ["final_subset = -1", ">= 0"]),
     (["--steps_per_epoch=-1"], ["steps_per_epoch = -1", ">= 0"]),
@@ -163,6 +166,8 @@ FLAG_CASES = [
     (["--epochs=1.5"], ["--epochs=1.5", "an integer"]),
     (["--seed="], ["--seed=", "an integer"]),
     (["--lr_max=fast"], ["--lr_max=fast", "a number"]),
+    (["--val_size=tenth"], ["--val_size='tenth'", "not a number", "(e.g. 0.1)"]),
+    (["--verbose=3"], ["--verbose=3", "0, 1 or 2"]),
     (["--memory_budget_mb=lots"], ["--memory_budget_mb=lots", "a number"]),
     (["--deterministic=maybe"], ["--deterministic=maybe", "true or false"]),
     (["--strategy=greedy"], ["--strategy=greedy", "bonsai|random|fixed"]),
@@ -195,6 +200,28 @@ def test_every_numeric_field_has_a_range_case():
     covered = {a[2:].split("=")[0] for args, _ in FLAG_CASES for a in args if a.startswith("--")}
     assert numeric - covered == set()
     assert "image_size" in covered
+
+
+def test_val_size_is_a_count_or_a_fraction():
+    assert C.RunConfig(val_size=0.1).val_size == 0.1
+    assert C.RunConfig(val_size=5000).val_size == 5000
+    whole = C.RunConfig(val_size=5000.0).val_size  # as a float flag or JSON gives it
+    assert whole == 5000 and isinstance(whole, int)
+    assert C.RunConfig(val_size=0.0).val_size == 0
+    assert C.RunConfig.from_dict(C.RunConfig(val_size=0.1).to_dict()).val_size == 0.1
+    for bad in (1.5, 1.0 + 1e-9, -1, -0.5, float("nan"), float("inf"), "0.1", True, None):
+        with pytest.raises(C.ConfigError, match="val_size = .*expected a count >= 0 .* or a "
+                                                "fraction in \\(0, 1\\)"):
+            C.RunConfig(val_size=bad)
+
+
+def test_search_epochs_are_ignored_without_a_search():
+    # The quick flagfile's search_epochs=5 with a retraining's shorter --epochs=2.
+    for strategy in ("fixed", "random"):
+        cfg = C.RunConfig(strategy=strategy, genotype="g.json", epochs=2, search_epochs=5)
+        assert cfg.search_epochs == 0 and cfg.resolved_search_epochs == 0
+    with pytest.raises(C.ConfigError, match="search_epochs = 5; expected in \\[0, epochs=2\\]"):
+        C.RunConfig(strategy="bonsai", epochs=2, search_epochs=5)
 
 
 def test_augment_policies_agree_with_the_data_module():
@@ -376,6 +403,30 @@ def test_images_of_mixed_sizes_are_refused_until_resized(data, tmp_path):
     proc = run(SEARCH, flags(mixed, str(out), image_size="12,12"), fault="mid_epoch:1")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert rd.read_json(str(out / "config.json"))["image_size"] == [12, 12]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["mistyped dataset", "val_size larger than the data",
+                                  "genotype of other images", "data_dir without the files"])
+def test_bad_input_creates_no_output_dir(data, tmp_path, case):
+    out = tmp_path / "new" / "run"
+    genotype = tmp_path / "g.json"
+    genotype.write_text(G.initial("small", (28, 28, 1), 10, 4, 1, [["n"], ["r"]], 1).to_json())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    script, over, fragments = {
+        "mistyped dataset": (SEARCH, dict(dataset="fashon_mnist"), ["'fashon_mnist'"]),
+        # 96 training images once the folder's test split is held out
+        "val_size larger than the data": (SEARCH, dict(val_size=500), [
+            "val_size=500 is too large", "fewer than its 96 training examples"]),
+        "genotype of other images": (TRAIN, dict(genotype=genotype), [
+            "g.json", "(28, 28, 1) with 10 classes", "(12, 12, 1) with 3 classes"]),
+        "data_dir without the files": (SEARCH, dict(dataset="fashion_mnist", data_dir=empty), [
+            f"no Fashion-MNIST files in data_dir {empty}", "train-images-idx3-ubyte.gz"]),
+    }[case]
+    proc = run(script, flags(data, str(out), **over))
+    assert_error(proc, *fragments)
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.slow

@@ -128,6 +128,25 @@ def test_val_size_zero_and_invalid_sizes(tmp_path):
         data.load_dataset("fashion_mnist", str(tmp_path), val_size=-1)
 
 
+def test_val_size_as_a_count_or_a_fraction(tmp_path):
+    _write_fashion(tmp_path)  # 60 training examples
+    count = data.load_dataset("fashion_mnist", str(tmp_path), val_size=6, seed=1)
+    fraction = data.load_dataset("fashion_mnist", str(tmp_path), val_size=0.1, seed=1)
+    whole = data.load_dataset("fashion_mnist", str(tmp_path), val_size=6.0, seed=1)
+    for s in (fraction, whole):
+        assert len(s.val[1]) == 6 and len(s.train[1]) == 54
+        np.testing.assert_array_equal(s.val[0], count.val[0])  # the same seeded split
+    assert len(data.load_dataset("fashion_mnist", str(tmp_path), val_size=0.25).val[1]) == 15
+    assert len(data.load_dataset("fashion_mnist", str(tmp_path), val_size=0.001).val[1]) == 1
+    for bad in (1.5, -0.1, 1.0 + 1e-9, float("nan"), "0.1", True, -3):
+        with pytest.raises(DataError, match="count >= 0 .* or a fraction in \\(0, 1\\)"):
+            data.load_dataset("fashion_mnist", str(tmp_path), val_size=bad)
+    with pytest.raises(DataError, match=r"val_size=0.999 \(60 of 60 examples\) is too large"):
+        data.load_dataset("fashion_mnist", str(tmp_path), val_size=0.999)
+    with pytest.raises(DataError, match="val_size=600 is too large .* fewer than its 60"):
+        data.load_dataset("fashion_mnist", str(tmp_path), val_size=600)
+
+
 def test_fashion_mnist_image_size(tmp_path):
     _write_fashion(tmp_path)
     s = data.load_dataset("fashion_mnist", str(tmp_path), val_size=5, image_size=(16, 12))
@@ -154,8 +173,26 @@ def test_fashion_mnist_missing_everywhere(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
         data.load_dataset("fashion_mnist")
-    with pytest.raises(DataError, match="--data_dir"):
+    with pytest.raises(DataError, match="no Fashion-MNIST files in data_dir"):
         data.load_dataset("fashion_mnist", str(tmp_path))
+
+
+def test_explicit_data_dir_without_files_is_refused_not_replaced(tmp_path, monkeypatch):
+    system = tmp_path / "system"
+    system.mkdir()
+    _write_fashion(system)
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(system))
+    empty = tmp_path / "typo"
+    empty.mkdir()
+    with pytest.raises(DataError) as e:
+        data.load_dataset("fashion_mnist", str(empty), val_size=5)
+    message = str(e.value)
+    assert str(empty) in message and "\n" not in message
+    assert "train-images-idx3-ubyte.gz" in message and "t10k-labels-idx1-ubyte.gz" in message
+    # Without data_dir the system copy is read, and the source names its directory
+    # and files (dataset.json's `source`, logged by the runner).
+    source = data.load_dataset("fashion_mnist", val_size=5).info.source
+    assert str(system) in source and "t10k-images-idx3-ubyte.gz" in source
 
 
 def test_missing_data_dir():

@@ -189,3 +189,84 @@ def test_report_does_not_import_tensorflow():
             "sys.exit(int('tensorflow' in sys.modules or 'matplotlib.pyplot' in sys.modules))")
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+
+
+def _axes(fig):
+    (ax,) = fig.axes
+    return ax
+
+
+def _line(ax, label):
+    lines = [l for l in ax.get_lines() if l.get_label() == label]
+    assert len(lines) == 1, [l.get_label() for l in ax.get_lines()]
+    return lines[0]
+
+
+def _legend_labels(ax):
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_compression_plot_draws_target_and_aim_as_recorded_steps():
+    recs = _records()
+    for r, target, aim in zip(recs, [0.6, 0.6, 0.6, 0.45, None, None],
+                              [0.54, 0.54, 0.54, 0.405, None, None]):
+        r["target"], r["aim"] = target, aim
+    ax = _axes(report.metric_figures(recs)["compression"])
+    for label, want in (("growth threshold (target)", [0.6, 0.6, 0.6, 0.45]),
+                        ("aim", [0.54, 0.54, 0.54, 0.405])):
+        line = _line(ax, label)
+        assert line.get_drawstyle() == "steps-post"
+        ys = list(line.get_ydata())
+        assert ys[:4] == want and all(y != y for y in ys[4:])  # NaN: no threshold in final
+    # No constant line across the plot: every line follows the epochs.
+    assert all(len(set(l.get_xdata())) > 1 for l in ax.get_lines()
+               if l.get_gid() is None or not str(l.get_gid()).startswith("event:"))
+
+
+def test_memory_plot_draws_the_budget_when_there_is_one():
+    ax = _axes(report.metric_figures(_records(), memory_budget_mb=320.0)["memory"])
+    budget = _line(ax, "budget (320 MB)")
+    assert list(budget.get_ydata()) == [320.0, 320.0]
+    assert "budget (320 MB)" in _legend_labels(ax)
+    for none in (0, None, "n/a"):
+        ax = _axes(report.metric_figures(_records(), memory_budget_mb=none)["memory"])
+        assert not [l for l in ax.get_lines() if "budget" in l.get_label()]
+
+
+def test_budget_comes_from_config_json(tmp_path, monkeypatch):
+    run = _write_run(tmp_path / "run", _records())
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(dict(config, memory_budget_mb=230)))
+    seen = []
+    real = report.metric_figures
+    monkeypatch.setattr(report, "metric_figures",
+                        lambda records, budget=None: seen.append(budget) or real(records, budget))
+    report.write_report(str(run))
+    assert seen == [230]
+
+
+def test_each_event_kind_has_its_own_colour_line_style_and_legend_entry():
+    recs = _records()
+    recs[0]["events"] = ["compression cycle 1: pressure x2"]
+    recs[1]["events"] = ["compression cycle 2: pressure x4", "something new: hello"]
+    recs[4]["events"] = ["final network: search finished, 30 operations kept"]
+    ax = _axes(report.metric_figures(recs)["accuracy"])
+    styles = {}
+    for line in ax.get_lines():
+        gid = str(line.get_gid())
+        if gid.startswith("event:"):
+            # The dash pattern as drawn: custom patterns all report linestyle "--".
+            dashes = line._unscaled_dash_pattern[1]
+            styles.setdefault(gid[6:], set()).add((line.get_color(), tuple(dashes or ())))
+    assert set(styles) == {"deadhead", "grow", "final", "cycle", "other"}
+    assert all(len(s) == 1 for s in styles.values())           # one style per kind
+    pairs = [next(iter(s)) for s in styles.values()]
+    assert len({c for c, _ in pairs}) == 5 and len({ls for _, ls in pairs}) == 5
+    labels = _legend_labels(ax)
+    for label in ("deadhead", "grow", "final network", "compression cycle", "other event"):
+        assert labels.count(label) == 1, labels                  # two cycles, one entry
+    # Only the kinds present get an entry.
+    only = _records()
+    ax = _axes(report.metric_figures(only)["params"])
+    kinds = [l for l in _legend_labels(ax) if l in ("final network", "compression cycle")]
+    assert kinds == []

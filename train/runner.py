@@ -4,8 +4,8 @@ Flags live only here and in the entry scripts: they become a validated, frozen
 `RunConfig` that is written to the run directory as config.json.
 """
 
+import errno
 import json
-import logging
 import os
 import shutil
 import sys
@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # noqa: E402
 
+from bonsai_tf import cli  # noqa: E402  (no TensorFlow import)
 from bonsai_tf import config as config_lib  # noqa: E402  (no TensorFlow import)
 
 D = config_lib.RunConfig()  # defaults: BonsaiNet's paper values
@@ -26,7 +27,9 @@ flags.DEFINE_string("output_dir", "", "Run directory; default runs/<dataset>-<st
                     "the same command again resumes it.")
 flags.DEFINE_bool("overwrite", False, "Replace a run directory made by a different configuration.")
 flags.DEFINE_bool("export", True, "Export SavedModel and TFLite at the end.")
-flags.DEFINE_integer("verbose", 1, "0: no progress bars; 1: progress bars.")
+flags.DEFINE_integer("verbose", 1, "0: no progress bars; 1: a progress bar, redrawn in place on a "
+                     "terminal; when stdout is not a terminal (redirected to a file) one line "
+                     "per epoch instead, as 2; 2: one line per epoch.")
 flags.DEFINE_enum("strategy", D.strategy, list(config_lib.STRATEGIES),
                   "bonsai: search; random: random baseline matching --genotype; fixed: train "
                   "--genotype from scratch.")
@@ -57,7 +60,8 @@ flags.DEFINE_integer("prune_interval", D.prune_interval, "Epochs between deadhea
 flags.DEFINE_integer("cycle_len", D.cycle_len, "Epochs per compression cycle.")
 flags.DEFINE_float("memory_budget_mb", D.memory_budget_mb, "Training-memory budget (MB) that "
                    "growth fills; 0: no growth.")
-flags.DEFINE_integer("val_size", D.val_size, "Training examples held out for validation.")
+flags.DEFINE_string("val_size", str(D.val_size), "Training examples held out for validation: a "
+                    "count (5000) or a fraction of the training split (0.1).")
 flags.DEFINE_integer("train_subset", D.train_subset, "Search on this many examples (0: all).")
 flags.DEFINE_integer("final_subset", D.final_subset, "Final training examples (0: all).")
 flags.DEFINE_list("image_size", [], "Resize images to H,W (folder datasets).")
@@ -94,8 +98,23 @@ def config_from_flags(overrides=None):
         values["image_size"] = tuple(int(v) for v in FLAGS.image_size)
     except ValueError:
         raise UsageError(f"--image_size={','.join(FLAGS.image_size)!r}; expected H,W") from None
+    values["val_size"] = parse_val_size(FLAGS.val_size)
     values.update(overrides or {})
     return config_lib.RunConfig(**values)
+
+
+def parse_val_size(text):
+    """--val_size's text as an int count or a float fraction (RunConfig checks the range)."""
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"--val_size={text!r} is not a number; expected "
+                         f"{config_lib.VAL_SIZE_EXPECTED}") from None
 
 
 def prepare_run_dir(cfg, output_dir, overwrite, claim=True):
@@ -122,6 +141,12 @@ def prepare_run_dir(cfg, output_dir, overwrite, claim=True):
                              f"(differs in: {', '.join(diff[:6])}); expected the same flags to "
                              f"resume it, or pass --overwrite or another --output_dir")
         if same and not overwrite:
+            if claim and old != cfg.to_dict():
+                # Only NON_IDENTITY fields differ (say --nomeasure_memory on resuming):
+                # config.json, which the report shows and export reads, must say what
+                # this invocation runs with.
+                from bonsai_tf import run_dir as rd
+                rd.write_json(path, cfg.to_dict())
             return "finished" if os.path.exists(os.path.join(output_dir, "metrics.json")) else "resume"
         if not claim:
             return "new"
@@ -148,29 +173,62 @@ def _identity(d):
 
 
 def _setup_logging(output_dir=None):
-    """Logs to stderr, or (given `output_dir`) also to its log.txt."""
-    root = logging.getLogger("bonsai_tf")
-    root.setLevel(logging.INFO)
-    handler = (logging.StreamHandler(sys.stderr) if output_dir is None
-               else logging.FileHandler(os.path.join(output_dir, "log.txt")))
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    root.addHandler(handler)
+    """Logs to stderr and (given `output_dir`) to its log.txt; replaces an earlier setup."""
+    return cli.setup_logging("bonsai_tf", output_dir and os.path.join(output_dir, "log.txt"))
+
+
+def _cannot_create(output_dir, reason):
+    from bonsai_tf import run_dir as rd
+    return rd.RunDirError(f"cannot create --output_dir={output_dir}: {reason}; expected a "
+                          f"directory or a path where one can be made")
+
+
+def check_output_dir(output_dir):
+    """Refuses an --output_dir that cannot be used, without creating anything.
+
+    The directory is made only once the data has loaded: bad input (a mistyped
+    --dataset, say) must not leave an empty run directory behind.
+    """
+    from bonsai_tf import run_dir as rd
+    if os.path.exists(output_dir):
+        if not os.path.isdir(output_dir):
+            raise _cannot_create(output_dir, os.strerror(errno.EEXIST))
+        if not os.access(output_dir, os.W_OK | os.X_OK):
+            raise rd.RunDirError(f"--output_dir={output_dir} is not writable; expected a "
+                                 f"writable directory")
+        return
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise _cannot_create(output_dir, os.strerror(errno.ENOTDIR))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise _cannot_create(output_dir, os.strerror(errno.EACCES))
+
+
+def _check_genotype_fits(cfg, info):
+    """A --genotype for other images or classes is refused before the run directory is made."""
+    if cfg.strategy not in ("random", "fixed"):
+        return
+    from bonsai_tf import genotype as genotype_lib
+    g = genotype_lib.Genotype.load(cfg.genotype)
+    if tuple(g.input_shape) != tuple(info.image_shape) or g.num_classes != info.num_classes:
+        raise genotype_lib.GenotypeError(
+            f"genotype {cfg.genotype} is for input {tuple(g.input_shape)} with {g.num_classes} "
+            f"classes; expected the dataset's {tuple(info.image_shape)} with "
+            f"{info.num_classes} classes (--dataset={cfg.dataset})")
 
 
 def run(cfg, output_dir, overwrite=False, export=True, verbose=1):
-    """Runs (or resumes) `cfg` in `output_dir` and writes report and exports."""
+    """Runs (or resumes) `cfg` in `output_dir` and writes report and exports.
+
+    verbose: 0, 1 or 2 as --verbose (1 is 2 when stdout is not a terminal).
+    """
     from bonsai_tf import run_dir as rd
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-    except OSError as e:
-        raise rd.RunDirError(f"cannot create --output_dir={output_dir}: {e.strerror}; expected a "
-                             f"directory or a path where one can be made") from None
-    if not os.access(output_dir, os.W_OK):
-        raise rd.RunDirError(f"--output_dir={output_dir} is not writable; expected a writable "
-                             f"directory")
-    prepare_run_dir(cfg, output_dir, overwrite, claim=False)  # refuses before anything loads
-    _setup_logging()
-    log = logging.getLogger("bonsai_tf")
+    check_output_dir(output_dir)
+    if os.path.isdir(output_dir):
+        prepare_run_dir(cfg, output_dir, overwrite, claim=False)  # refuses before anything loads
+    log = _setup_logging()
     import tensorflow as tf
     from bonsai_tf import data as data_lib
     from bonsai_tf import engine
@@ -186,38 +244,57 @@ def run(cfg, output_dir, overwrite=False, export=True, verbose=1):
             raise UsageError(f"--batch_size={cfg.batch_size} is larger than the {n} training "
                              f"examples (after --val_size={cfg.val_size}"
                              f"{f', --{flag}={subset}' if subset else ''}); expected at most {n}")
-    # Claimed only now: bad data leaves the directory as it was, so the corrected
-    # command (say with --image_size) is not refused as a different configuration.
+    _check_genotype_fits(cfg, splits.info)
+    # Made and claimed only now: bad input leaves no directory behind, and bad data
+    # leaves an existing one as it was, so the corrected command (say with
+    # --image_size) is not refused as a different configuration.
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:
+        raise _cannot_create(output_dir, e.strerror) from None
     status = prepare_run_dir(cfg, output_dir, overwrite)
-    _setup_logging(output_dir)
+    log = _setup_logging(output_dir)
     info = splits.info
     log.info("dataset %s: %d training, %d validation, %d test images of %s%s", info.name,
              len(splits.train[1]), len(splits.val[1]), len(splits.test[1]),
              "x".join(map(str, info.image_shape)),
              f"; {info.skipped_files} unreadable file(s) skipped" if info.skipped_files else "")
+    log.info("data read from %s", info.source)
     if status == "finished":
         log.info("%s is finished; rewriting its report%s", output_dir,
                  " and exports" if export else "")
         metrics = rd.read_json(os.path.join(output_dir, "metrics.json"))
     else:
         log.info("%s run in %s (%s)", cfg.strategy, output_dir, status)
-        metrics = engine.Run(cfg, splits, output_dir, verbose=verbose).run()
+        metrics = engine.Run(cfg, splits, output_dir,
+                             verbose=cli.progress_verbosity(verbose, sys.stdout)).run()
     if export:
         from bonsai_tf import export as export_lib
-        export_lib.export_run(output_dir, splits=splits)
+        with cli.dropping_stderr_lines(cli.EXPORT_NOISE):
+            export_lib.export_run(output_dir, splits=splits)
     report.write_report(output_dir)
     log.info("test accuracy %.4f, %d parameters, %d cells; report: %s", metrics["test_accuracy"],
              metrics["params"], metrics["cells"], os.path.join(output_dir, "report.md"))
     return metrics
 
 
-def _main(argv, overrides):
+def _main(argv, overrides, implied, strategies):
+    argv = cli.flagfiles_first(argv, implied)
+    help_kind = cli.help_requested(argv)
+    if help_kind:
+        cli.print_help(FLAGS, help_kind, module=__name__)
+        return 0
     try:
         rest = FLAGS(argv)[1:]
     except flags.Error as e:
         raise UsageError(_flag_error(e)) from None
     if rest:
         raise UsageError(f"unexpected arguments {rest}; expected only --flags")
+    if FLAGS.verbose not in (0, 1, 2):
+        raise UsageError(f"--verbose={FLAGS.verbose}; expected 0, 1 or 2")
+    if strategies and FLAGS.strategy not in strategies:
+        raise UsageError(f"--strategy={FLAGS.strategy}; expected {' or '.join(strategies)} here "
+                         f"(train/search.py runs --strategy=bonsai)")
     cfg = config_from_flags(overrides)
     if cfg.strategy in ("random", "fixed"):
         from bonsai_tf import genotype as genotype_lib
@@ -228,14 +305,19 @@ def _main(argv, overrides):
     return 0
 
 
-def main(argv, overrides=None):
+def main(argv, overrides=None, implied=(), strategies=None):
     """Entry point shared by the scripts; returns the process exit status.
+
+    Flags given on the command line override those of --flagfile files wherever
+    they stand; `implied` flags (a script's own) override flagfiles and yield to
+    explicit flags. `strategies`: the --strategy values this script accepts.
+    --help, -h, --helpshort and --helpfull print the flags and return 0.
 
     Flags, the configuration, a --genotype file and the run directory are checked
     before TensorFlow is imported, so bad input is reported at once.
     """
     try:
-        return _main(argv, overrides)
+        return _main(argv, overrides, implied, strategies)
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130

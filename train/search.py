@@ -6,6 +6,7 @@
 Writes --output_dir: config.json, checkpoints, genotype.json after every structural
 change, metrics.jsonl/metrics.json, TensorBoard events, report.md with plots, and
 the exported SavedModel/TFLite models. Run the same command again to resume.
+Flags on the command line override the --flagfile's wherever they stand.
 """
 
 import os
