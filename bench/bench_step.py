@@ -69,14 +69,15 @@ def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps
         t = time.perf_counter()
         run.train_step(xb, yb, aim, pressure)["loss"].numpy()
         times.append(time.perf_counter() - t)
-    peak = memory_lib.measure_step_peak(lambda: run.train_step(xb, yb, aim, pressure)["loss"].numpy())
+    measured = memory_lib.measure_step_peak(
+        lambda: run.train_step(xb, yb, aim, pressure)["loss"].numpy())
     step = float(np.median(times))
     return {"scale": scale, "patterns": patterns, "shape": list(shape), "nodes": nodes,
             "space": space, "cells": len(g.cells), "operations": g.num_ops(), "batch": batch,
             "params": run.net.count_params(), "seconds_per_step": step,
             "images_per_second": batch / step, "jit_compile": jit,
             "memory_estimate_mb": memory_lib.estimate(g, batch)["mb"],
-            "memory_measured_mb": None if peak is None else peak / 2**20}
+            "memory_measured_mb": measured.mb, "memory_measured_source": measured.source}
 
 
 def main(argv):

@@ -53,6 +53,7 @@ class State:
     search_seconds: float = 0.0
     seconds: float = 0.0
     measured_mb: float = None
+    measured_source: str = None          # memory.StepMemory.source of measured_mb
     events: list = None
     version: int = STATE_VERSION
 
@@ -208,14 +209,20 @@ class Run:
         aux_w, lam_e, lam_i = cfg.aux_weight, cfg.lambda_edge, cfg.lambda_input
         variables, opt = self.variables, self.opt
 
+        def gate_vector(pruners):
+            return L.saw_gate_value(tf.stack([p.w.value for p in pruners]))
+
         def compression(aim, pressure):
+            # Gates of a cell are evaluated on their stacked weights: a few graph ops
+            # per cell instead of a few per gate.
             terms = []
             if op_terms:
-                soft = tf.stack([tf.add_n([p.gate() * (m / built) for p, m in ops])
+                soft = tf.stack([tf.reduce_sum(gate_vector([p for p, _ in ops])
+                                               * tf.constant([m / built for _, m in ops]))
                                  for ops, built in op_terms])
                 terms.append(lam_e * pressure * _safe_norm(aim - soft))
             if in_terms:
-                ratio = tf.stack([tf.add_n([p.gate() for p in ps]) / n for ps, n in in_terms])
+                ratio = tf.stack([tf.reduce_sum(gate_vector(ps)) / n for ps, n in in_terms])
                 target = tf.constant([1.0 / n for _, n in in_terms])
                 terms.append(lam_i * pressure * _safe_norm(target - ratio))
             return tf.add_n(terms) if terms else tf.constant(0.0)
@@ -321,11 +328,11 @@ class Run:
                                   verbose=self.verbose) if self.verbose else None
         for xb, yb in ds:
             if self._measure_next and steps == 1:
+                # The second step: the first one traced the graph.
                 out = {}
-                peak = memory_lib.measure_step_peak(
+                measured = memory_lib.measure_step_peak(
                     lambda: out.update(self.train_step(xb, yb, aim, pressure)))
-                if peak is not None:
-                    st.measured_mb = peak / 2**20
+                st.measured_mb, st.measured_source = measured.mb, measured.source
                 self._measure_next = False
             else:
                 out = self.train_step(xb, yb, aim, pressure)
@@ -513,7 +520,8 @@ class Run:
              "aim": self._aim() if st.phase == "search" else None,
              "cycles": st.cycles, "operations": self.net.genotype.num_ops(),
              "val_accuracy": val.get("accuracy"), "val_loss": val.get("loss"),
-             "memory_mb": est["mb"], "memory_measured_mb": st.measured_mb, "flops": est["flops"],
+             "memory_mb": est["mb"], "memory_measured_mb": st.measured_mb,
+             "memory_measured_source": st.measured_source, "flops": est["flops"],
              "lr": float(self.opt.lrs["0"].numpy()) if "0" in self.opt.lrs else None,
              "seconds": st.seconds, "epoch_seconds": elapsed, "events": events}
         r.update({k: v for k, v in logs.items() if k != "steps"})
@@ -589,11 +597,12 @@ class Run:
                    "total_seconds": st.seconds, "epochs": st.epoch,
                    "memory_mb": memory_lib.estimate(g, self.cfg.batch_size)["mb"],
                    "memory_measured_mb": st.measured_mb,
+                   "memory_measured_source": st.measured_source,
                    "best_val_accuracy": max((r["val_accuracy"] or 0.0 for r in self.records),
                                             default=None),
                    "flops": memory_lib.estimate(g, 1)["flops"]}
         rd.atomic_write(os.path.join(self.run_dir, "genotype.json"), g.to_json())
-        save_model(final.model, os.path.join(self.run_dir, MODEL_FILE))
+        save_model(network_lib.deployable(final), os.path.join(self.run_dir, MODEL_FILE))
         # metrics.json last: its presence marks a finished run.
         rd.write_json(os.path.join(self.run_dir, "metrics.json"), metrics)
         self.final_network = final

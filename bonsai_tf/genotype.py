@@ -264,6 +264,28 @@ def max_patterns(patterns, spatial, reduction_target=1):
     return n
 
 
+def halve(size):
+    """Spatial size after one stride-2 step with 'same' padding (a reduction)."""
+    return (size + 1) // 2
+
+
+def subsample_stride(src_hw, dst_hw):
+    """The stride that takes an (h, w) map to `dst_hw` as the network's reductions do.
+
+    Reductions halve with 'same' padding (ceil), so k of them take h to
+    ceil(h / 2**k); one subsampling with stride 2**k (also 'same') lands on the same
+    size. A floor ratio such as 14 // 4 = 3 would not (ceil(14 / 3) = 5).
+    """
+    (h, w), (dh, dw) = src_hw, dst_hw
+    stride = 1
+    while (h + stride - 1) // stride > dh or (w + stride - 1) // stride > dw:
+        stride *= 2
+    if ((h + stride - 1) // stride, (w + stride - 1) // stride) != (dh, dw):
+        raise GenotypeError(f"cannot subsample a {h}x{w} map to {dh}x{dw}; expected a size "
+                            f"that reductions of {h}x{w} reach")
+    return stride
+
+
 # ---- building genotypes --------------------------------------------------
 def edge_keys(nodes):
     keys = []
@@ -359,6 +381,69 @@ def _prune_cell(cell):
     kept = tuple(e for e in edges if e.dst in alive and (e.src in ("x", "y") or e.src in alive))
     inputs = cell.inputs if any(e.src == "y" for e in kept) else ()
     return dataclasses.replace(cell, edges=kept, inputs=inputs)
+
+
+# ---- reading the found network off the gates ---------------------------------
+def open_part(cell):
+    """`cell` without the operations and inputs whose gate is closed (weight <= 0).
+
+    Where the open part has no path from the cell's inputs to its output, the
+    strongest path stays: the path whose weakest gate is strongest (an operation's
+    gate on each edge of it, the strongest input gate where it starts at `y`). The
+    reference likewise keeps at least one operation per live edge; without this, a
+    cell whose gates all closed would leave a network that cannot be built.
+    """
+    kept = dataclasses.replace(
+        cell, inputs=tuple((j, w) for j, w in cell.inputs if w > 0),
+        edges=tuple(dataclasses.replace(e, ops=tuple((o, w) for o, w in e.ops if w > 0))
+                    for e in cell.edges))
+    if _reaches_output(kept):
+        return kept
+    path = _strongest_path(cell)
+    if path is None:
+        raise GenotypeError("cell has no path of operations from its inputs to its output; "
+                            "expected a connected cell")
+    restore = {(e.src, e.dst): max(e.ops, key=lambda o: o[1]) for e in path}
+    edges = tuple(dataclasses.replace(e, ops=e.ops + ((restore[(e.src, e.dst)],)
+                                                     if (e.src, e.dst) in restore
+                                                     and restore[(e.src, e.dst)] not in e.ops
+                                                     else ()))
+                  for e in kept.edges)
+    inputs = kept.inputs
+    if path[0].src == "y" and not inputs:
+        inputs = (max(cell.inputs, key=lambda t: t[1]),)
+    # Keep the order of the space (the same order a fresh build has).
+    order = {(e.src, e.dst): [o for o, _ in e.ops] for e in cell.edges}
+    edges = tuple(dataclasses.replace(e, ops=tuple(sorted(
+        e.ops, key=lambda o: order[(e.src, e.dst)].index(o[0])))) for e in edges)
+    inputs = tuple(sorted(inputs))
+    out = dataclasses.replace(kept, edges=edges, inputs=inputs)
+    assert _reaches_output(out)
+    return out
+
+
+def _strongest_path(cell):
+    """The edges of the input-to-output path whose weakest gate weight is largest."""
+    best = {}   # node -> (bottleneck weight, [edges])
+    y_weight = max((w for _, w in cell.inputs), default=None)
+    for dst in range(cell.nodes):
+        for e in cell.edges:
+            if e.dst != dst or not e.ops:
+                continue
+            w = max(w for _, w in e.ops)
+            if e.src == "x":
+                cand = (w, [e])
+            elif e.src == "y":
+                if y_weight is None:
+                    continue
+                cand = (min(w, y_weight), [e])
+            elif e.src in best:
+                cand = (min(w, best[e.src][0]), best[e.src][1] + [e])
+            else:
+                continue
+            if dst not in best or cand[0] > best[dst][0]:
+                best[dst] = cand
+    return best[cell.nodes - 1][1] if cell.nodes - 1 in best else None
 
 
 # ---- the random baseline ----------------------------------------------------

@@ -6,6 +6,16 @@ Cells and edges are built from genotype data; passing `reuse=` an older cell
 builds a new cell that takes over the older one's surviving sub-layers (and so
 their trained weights) and simply does not track what was removed: after the
 model is rebuilt, removed operations and their variables are gone from it.
+
+Why operations hold their variables and run TensorFlow ops directly, instead of
+stacking Keras sub-layers: a supernet has thousands of primitive steps, and both
+the step time and the time to trace a step after every structural change grow
+with the number of graph ops. Running each step from its recipe here lets an
+edge share one ReLU among its operations, fold each pruner into the operation's
+last batch norm (scale and offset times g(w): no separate multiply, and the
+gate's gradient comes out of the batch-norm gradient), let the batch-norm kernel
+update its own moving statistics, and sum a node's inputs with one add_n.
+`network.deployable` turns a folded network into plain Keras layers for export.
 """
 
 import keras
@@ -18,15 +28,29 @@ PACKAGE = "bonsai_tf"
 # Saw-gate constant (BONSAINET.md section 1). Only the straight-through form is
 # used in the graph, so M matters for documentation and the reference test only.
 SAW_M = 1e5
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
 
 
 def saw_gate_value(w):
     """Forward value exactly step(w) in {0, 1}; gradient exactly 1 (straight-through).
 
     Built from ordinary ops (no custom gradient) so that graphs export cleanly.
+    Works on a scalar or on a vector of gate weights alike.
     """
     step = K.cast(K.greater(w, 0.0), w.dtype)
     return step + (w - K.stop_gradient(w))
+
+
+def gate_values(pruners):
+    """g(w) of several pruners, computed once on their stacked weights (fewer graph ops)."""
+    tf = _tf()
+    return tf.unstack(saw_gate_value(tf.stack([p.w.value for p in pruners])))
+
+
+def _tf():
+    import tensorflow as tf  # the fused kernels are TensorFlow's; this package runs on it
+    return tf
 
 
 @keras.saving.register_keras_serializable(PACKAGE)
@@ -40,7 +64,7 @@ class SawGate(keras.layers.Layer):
 
     def __init__(self, init_weight=0.1, clamp=None, **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(init_weight, (int, float)):
+        if isinstance(init_weight, bool) or not isinstance(init_weight, (int, float)):
             raise ValueError(f"init_weight must be a number, got {init_weight!r}")
         if clamp is not None and not clamp > 0:
             raise ValueError(f"clamp must be positive or None, got {clamp!r}")
@@ -48,6 +72,8 @@ class SawGate(keras.layers.Layer):
         self.clamp = None if clamp is None else float(clamp)
 
     def build(self, input_shape=None):
+        # Pruners own no input-dependent shapes: edges and cells build theirs in
+        # their own build, inside their name scope, and read `w` without calling.
         constraint = None
         if self.clamp is not None:
             c = self.clamp
@@ -81,40 +107,32 @@ class SawGate(keras.layers.Layer):
         return {**super().get_config(), "init_weight": self.init_weight, "clamp": self.clamp}
 
 
+def subsample(x, stride):
+    """Strided spatial subsampling with 'same' padding: ceil(h / stride) rows."""
+    if stride == 1:
+        return x
+    # A 1x1 pooling window with stride s picks the same pixels as x[:, ::s, ::s]
+    # but its gradient is 4x cheaper on CPU than the strided slice's (measured).
+    return K.average_pool(x, 1, strides=stride, padding="same")
+
+
 @keras.saving.register_keras_serializable(PACKAGE)
 class Subsample(keras.layers.Layer):
     """Strided spatial subsampling (identity on a strided edge, input adaptation)."""
 
     def __init__(self, stride=2, **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(stride, int) or stride < 1:
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
             raise ValueError(f"stride must be a positive int, got {stride!r}")
         self.stride = stride
 
     def call(self, inputs):
-        s = self.stride
-        # A 1x1 pooling window with stride s picks the same pixels as x[:, ::s, ::s]
-        # but its gradient is 4x cheaper on CPU than the strided slice's (measured).
-        return inputs if s == 1 else K.average_pool(inputs, 1, strides=s, padding="same")
+        return subsample(inputs, self.stride)
 
     def compute_output_shape(self, shape):
         s = self.stride
         f = lambda v: None if v is None else (v + s - 1) // s  # noqa: E731
         return (shape[0], f(shape[1]), f(shape[2]), shape[3])
-
-    def get_config(self):
-        return {**super().get_config(), "stride": self.stride}
-
-
-@keras.saving.register_keras_serializable(PACKAGE)
-class Zeros(keras.layers.Layer):
-    def __init__(self, stride=1, **kwargs):
-        super().__init__(**kwargs)
-        self.stride = stride
-        self.sub = Subsample(stride)
-
-    def call(self, inputs):
-        return K.zeros_like(self.sub(inputs))
 
     def get_config(self):
         return {**super().get_config(), "stride": self.stride}
@@ -139,6 +157,40 @@ class Standardize(keras.layers.Layer):
         return {**super().get_config(), "mean": list(self.mean), "std": list(self.std)}
 
 
+class _BNVars:
+    """The four variables of one batch norm, made by `layer.add_weight` under `prefix`."""
+
+    def __init__(self, layer, channels, prefix):
+        def add(name, init, trainable):
+            return layer.add_weight(name=f"{prefix}{name}", shape=(channels,), initializer=init,
+                                    trainable=trainable)
+        self.gamma = add("gamma", "ones", True)
+        self.beta = add("beta", "zeros", True)
+        self.moving_mean = add("moving_mean", "zeros", False)
+        self.moving_variance = add("moving_variance", "ones", False)
+
+    def apply(self, x, training, gain=None):
+        """Batch norm of x; `gain` (a folded pruner g(w)) multiplies scale and offset.
+
+        Training uses TensorFlow's fused kernel, which also returns the updated moving
+        statistics (exponential_avg_factor), so an update costs two assignments.
+        Inference is a multiply-add that every exporter folds.
+        """
+        tf = _tf()
+        gamma, beta = self.gamma.value, self.beta.value
+        if gain is not None:
+            gamma, beta = gamma * gain, beta * gain
+        if training:
+            y, mean, var = tf.compat.v1.nn.fused_batch_norm(
+                x, gamma, beta, mean=self.moving_mean.value, variance=self.moving_variance.value,
+                epsilon=BN_EPSILON, is_training=True, exponential_avg_factor=1.0 - BN_MOMENTUM)
+            self.moving_mean.assign(mean)
+            self.moving_variance.assign(var)
+            return y
+        scale = gamma * tf.math.rsqrt(self.moving_variance.value + BN_EPSILON)
+        return x * scale + (beta - self.moving_mean.value * scale)
+
+
 @keras.saving.register_keras_serializable(PACKAGE)
 class BatchNorm(keras.layers.Layer):
     """Batch norm over the last axis with TensorFlow's fused kernel while training.
@@ -146,10 +198,9 @@ class BatchNorm(keras.layers.Layer):
     Every candidate operation holds up to two batch norms and every node one, so
     they dominate a supernet step on CPU: keras.layers.BatchNormalization took
     4.4 ms per forward+backward at 64x14x14x32 here, the fused kernel 1.9 ms.
-    Inference uses plain multiply-add, which every exporter folds.
     """
 
-    def __init__(self, momentum=0.9, epsilon=1e-5, **kwargs):
+    def __init__(self, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, **kwargs):
         super().__init__(**kwargs)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
@@ -158,25 +209,12 @@ class BatchNorm(keras.layers.Layer):
         self.momentum, self.epsilon = float(momentum), float(epsilon)
 
     def build(self, input_shape):
-        c = input_shape[-1]
-        self.gamma = self.add_weight(name="gamma", shape=(c,), initializer="ones")
-        self.beta = self.add_weight(name="beta", shape=(c,), initializer="zeros")
-        self.moving_mean = self.add_weight(name="moving_mean", shape=(c,), initializer="zeros",
-                                           trainable=False)
-        self.moving_variance = self.add_weight(name="moving_variance", shape=(c,),
-                                               initializer="ones", trainable=False)
+        self.bn = _BNVars(self, input_shape[-1], "")
+        self.gamma, self.beta = self.bn.gamma, self.bn.beta
+        self.moving_mean, self.moving_variance = self.bn.moving_mean, self.bn.moving_variance
 
     def call(self, inputs, training=None):
-        import tensorflow as tf  # the fused kernel is TensorFlow's; this package runs on it
-        if training:
-            y, mean, var = tf.compat.v1.nn.fused_batch_norm(
-                inputs, self.gamma.value, self.beta.value, epsilon=self.epsilon, is_training=True)
-            m = self.momentum
-            self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
-            self.moving_variance.assign(self.moving_variance * m + var * (1.0 - m))
-            return y
-        scale = self.gamma * K.rsqrt(self.moving_variance + self.epsilon)
-        return inputs * scale + (self.beta - self.moving_mean * scale)
+        return self.bn.apply(inputs, training)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -186,68 +224,101 @@ class BatchNorm(keras.layers.Layer):
 
 
 def batch_norm(name):
-    return BatchNorm(momentum=0.9, epsilon=1e-5, name=name)
-
-
-def _step_layer(step, channels, stride, name):
-    kind = step[0]
-    if kind == "relu":
-        return keras.layers.ReLU(name=name)
-    if kind == "bn":
-        return batch_norm(name)
-    if kind == "pw":
-        return keras.layers.Conv2D(channels, 1, use_bias=False, name=name)
-    if kind == "conv":
-        return keras.layers.Conv2D(channels, step[1], strides=stride, padding="same",
-                                   use_bias=False, name=name)
-    if kind == "dw":
-        # TF has no depthwise convolution with both stride and dilation > 1, so
-        # such a step runs at stride 1 and is subsampled after (see Operation).
-        s = 1 if step[2] > 1 else stride
-        return keras.layers.DepthwiseConv2D(step[1], strides=s, dilation_rate=step[2],
-                                            padding="same", use_bias=False, name=name)
-    if kind == "maxpool":
-        return keras.layers.MaxPooling2D(step[1], strides=stride, padding="same", name=name)
-    if kind == "avgpool":
-        return keras.layers.AveragePooling2D(step[1], strides=stride, padding="same", name=name)
-    if kind == "identity":
-        return Subsample(stride, name=name)
-    if kind == "zero":
-        return Zeros(stride, name=name)
-    raise ValueError(f"unknown step {step!r}")
+    return BatchNorm(name=name)
 
 
 @keras.saving.register_keras_serializable(PACKAGE)
 class Operation(keras.layers.Layer):
-    """One candidate operation, run from its recipe in `bonsai_tf.space`."""
+    """One candidate operation, run from its recipe in `bonsai_tf.space`.
+
+    Its variables are named after the recipe's steps (`dw1_kernel`, `bn3_gamma`,
+    ...). `run` is what an edge calls: it can start after a ReLU the edge computed
+    once for all its operations, and fold a pruner's g(w) into the final batch norm.
+    """
 
     def __init__(self, op, channels, stride=1, **kwargs):
         super().__init__(**kwargs)
         self.recipe = space_lib.recipe(op)
-        if not isinstance(channels, int) or channels < 1:
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
             raise ValueError(f"channels must be a positive int, got {channels!r}")
         if stride not in (1, 2):
             raise ValueError(f"stride must be 1 or 2, got {stride!r}")
         self.op, self.channels, self.stride = op, channels, stride
-        self.steps = []
-        strided = stride
-        for i, step in enumerate(self.recipe):
-            s = strided if step[0] in space_lib.SPATIAL_STEPS else 1
-            self.steps.append(_step_layer(step, channels, s, f"{step[0]}{i}"))
-            if s > 1 and step[0] == "dw" and step[2] > 1:
-                self.steps.append(Subsample(s, name=f"sub{i}"))
-            if step[0] in space_lib.SPATIAL_STEPS:
-                strided = 1
+        # The first spatial step carries the operation's stride.
+        spatial = [i for i, step in enumerate(self.recipe) if step[0] in space_lib.SPATIAL_STEPS]
+        self.strided_step = spatial[0] if spatial and stride > 1 else None
+        self.starts_with_relu = self.recipe[0] == ("relu",)
+        self.ends_with_bn = self.recipe[-1] == ("bn",)
 
-    def build(self, input_shape):
-        # Sub-layers build themselves on the first (symbolic) call.
-        self.built = True
+    def build(self, input_shape=None):
+        c = self.channels
+        self.kernels, self.bns = {}, {}
+        for i, step in enumerate(self.recipe):
+            kind = step[0]
+            if kind == "dw":
+                self.kernels[i] = self.add_weight(name=f"dw{i}_kernel", shape=(step[1], step[1], c, 1),
+                                                  initializer="glorot_uniform")
+            elif kind == "pw":
+                self.kernels[i] = self.add_weight(name=f"pw{i}_kernel", shape=(1, 1, c, c),
+                                                  initializer="glorot_uniform")
+            elif kind == "conv":
+                self.kernels[i] = self.add_weight(name=f"conv{i}_kernel",
+                                                  shape=(step[1], step[1], c, c),
+                                                  initializer="glorot_uniform")
+            elif kind == "bn":
+                self.bns[i] = _BNVars(self, c, f"bn{i}_")
+
+    def run(self, x, training=None, relu_x=None, gain=None):
+        """The operation on x; relu_x = relu(x) if the caller has it; gain folds a gate.
+
+        Returns (output, whether `gain` was folded in): only an operation ending in
+        batch norm can fold it; the caller multiplies the others.
+        """
+        tf = _tf()
+        start = 0
+        if relu_x is not None and self.starts_with_relu:
+            x, start = relu_x, 1
+        last = len(self.recipe) - 1
+        for i in range(start, len(self.recipe)):
+            step = self.recipe[i]
+            kind = step[0]
+            s = self.stride if i == self.strided_step else 1
+            if kind == "relu":
+                x = tf.nn.relu(x)
+            elif kind == "bn":
+                x = self.bns[i].apply(x, training, gain if i == last else None)
+            elif kind == "pw":
+                x = tf.nn.conv2d(x, self.kernels[i].value, 1, "VALID")
+            elif kind == "conv":
+                x = tf.nn.conv2d(x, self.kernels[i].value, s, "SAME")
+            elif kind == "dw":
+                d = step[2]
+                # TF has no depthwise convolution with both stride and dilation > 1:
+                # such a step runs at stride 1 and is subsampled after.
+                x = tf.nn.depthwise_conv2d(x, self.kernels[i].value, [1, 1 if d > 1 else s,
+                                                                     1 if d > 1 else s, 1],
+                                           "SAME", dilations=[d, d])
+                if d > 1:
+                    x = subsample(x, s)
+            elif kind == "maxpool":
+                x = tf.nn.max_pool2d(x, step[1], s, "SAME")
+            elif kind == "avgpool":
+                x = tf.nn.avg_pool2d(x, step[1], s, "SAME")
+            elif kind == "identity":
+                x = subsample(x, s)
+            elif kind == "zero":
+                x = tf.zeros_like(subsample(x, s))
+            else:
+                raise ValueError(f"unknown step {step!r}")
+        return x, gain is not None and self.ends_with_bn
 
     def call(self, inputs, training=None):
-        x = inputs
-        for layer in self.steps:
-            x = layer(x, training=training) if isinstance(layer, BatchNorm) else layer(x)
-        return x
+        return self.run(inputs, training)[0]
+
+    def compute_output_shape(self, shape):
+        s = self.stride
+        f = lambda v: None if v is None else (v + s - 1) // s  # noqa: E731
+        return (shape[0], f(shape[1]), f(shape[2]), self.channels)
 
     def get_config(self):
         return {**super().get_config(), "op": self.op, "channels": self.channels, "stride": self.stride}
@@ -265,26 +336,106 @@ class DropPath(keras.layers.Layer):
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed) if rate > 0 else None
 
+    def mask(self, batch):
+        """[batch, 1, 1, 1] of 0 or 1/keep."""
+        keep = 1.0 - self.rate
+        u = keras.random.uniform((batch, 1, 1, 1), seed=self.seed_generator)
+        return K.floor(keep + u) * (1.0 / keep)
+
     def call(self, inputs, training=None):
         if not training or self.rate == 0.0:
             return inputs
-        keep = 1.0 - self.rate
-        shape = (K.shape(inputs)[0], 1, 1, 1)
-        mask = K.floor(keep + keras.random.uniform(shape, seed=self.seed_generator))
-        return inputs * mask / keep
+        return inputs * self.mask(K.shape(inputs)[0])
 
     def get_config(self):
         return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
 
-def _conv_bn(channels, name, stride=1):
-    # Inner layers are named explicitly: variable paths key checkpoints and must not
-    # depend on how many layers the process created before (Keras' auto-names do).
-    return keras.Sequential([keras.layers.ReLU(name="relu"),
-                             keras.layers.Conv2D(channels, 1, strides=stride, use_bias=False,
-                                                 name="conv"),
-                             batch_norm("bn")],
-                            name=name)
+@keras.saving.register_keras_serializable(PACKAGE)
+class ReLUConvBN(keras.layers.Layer):
+    """ReLU, 1x1 convolution (optionally strided), batch norm: adapts a cell input."""
+
+    def __init__(self, channels, stride=1, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+            raise ValueError(f"stride must be a positive int, got {stride!r}")
+        self.channels, self.stride = channels, stride
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(name="kernel", shape=(1, 1, input_shape[-1], self.channels),
+                                      initializer="glorot_uniform")
+        self.bn = _BNVars(self, self.channels, "bn_")
+
+    def call(self, inputs, training=None):
+        tf = _tf()
+        x = tf.nn.conv2d(tf.nn.relu(inputs), self.kernel.value, self.stride, "VALID")
+        return self.bn.apply(x, training)
+
+    def compute_output_shape(self, shape):
+        s = self.stride
+        f = lambda v: None if v is None else (v + s - 1) // s  # noqa: E731
+        return (shape[0], f(shape[1]), f(shape[2]), self.channels)
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels, "stride": self.stride}
+
+
+@keras.saving.register_keras_serializable(PACKAGE)
+class Stem(keras.layers.Layer):
+    """3x3 convolution (optionally strided) from the image channels to `channels`, batch norm."""
+
+    def __init__(self, channels, stride=1, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {stride!r}")
+        self.channels, self.stride = channels, stride
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(name="kernel", shape=(3, 3, input_shape[-1], self.channels),
+                                      initializer="glorot_uniform")
+        self.bn = _BNVars(self, self.channels, "bn_")
+
+    def call(self, inputs, training=None):
+        x = _tf().nn.conv2d(inputs, self.kernel.value, self.stride, "SAME")
+        return self.bn.apply(x, training)
+
+    def compute_output_shape(self, shape):
+        s = self.stride
+        f = lambda v: None if v is None else (v + s - 1) // s  # noqa: E731
+        return (shape[0], f(shape[1]), f(shape[2]), self.channels)
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels, "stride": self.stride}
+
+
+@keras.saving.register_keras_serializable(PACKAGE)
+class Head(keras.layers.Layer):
+    """Global average pooling and a dense classifier (logits)."""
+
+    def __init__(self, num_classes, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        self.num_classes = num_classes
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(name="kernel", shape=(input_shape[-1], self.num_classes),
+                                      initializer="glorot_uniform")
+        self.bias = self.add_weight(name="bias", shape=(self.num_classes,), initializer="zeros")
+
+    def call(self, inputs):
+        tf = _tf()
+        return tf.matmul(tf.reduce_mean(inputs, axis=(1, 2)), self.kernel.value) + self.bias.value
+
+    def compute_output_shape(self, shape):
+        return (shape[0], self.num_classes)
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes}
 
 
 def edge_name(src, dst):
@@ -325,19 +476,36 @@ class Edge(keras.layers.Layer):
         return {op: (o, p) for op, o, p in zip(self.op_names, self.operations, self.pruners)}
 
     def build(self, input_shape):
-        # Sub-layers build themselves on the first (symbolic) call; reused ones already are.
-        self.built = True
+        # Sub-layers built here are built inside this edge's name scope (Keras wraps
+        # build), so variable paths, the checkpoint keys, read cell/edge/op/variable.
+        for op in self.operations:
+            if not op.built:
+                op.build(input_shape)
+        for p in self.pruners:
+            if p is not None and not p.built:
+                p.build()
+
+    def terms(self, x, training=None):
+        """The gated (and drop-path-masked) output of every operation, to be summed."""
+        tf = _tf()
+        relu_x = tf.nn.relu(x) if sum(op.starts_with_relu for op in self.operations) > 1 else None
+        gains = gate_values(self.pruners) if self.with_pruners else [None] * len(self.operations)
+        out = []
+        for op, gain, drop in zip(self.operations, gains, self.drops):
+            y, folded = op.run(x, training, relu_x, gain)
+            if gain is not None and not folded:
+                y = y * gain
+            if drop is not None and training:
+                y = y * drop.mask(tf.shape(y)[0])
+            out.append(y)
+        return out
 
     def call(self, inputs, training=None):
-        total = None
-        for op, pruner, drop in zip(self.operations, self.pruners, self.drops):
-            y = op(inputs, training=training)
-            if drop is not None:
-                y = drop(y, training=training)
-            if pruner is not None:
-                y = pruner(y)
-            total = y if total is None else total + y
-        return total
+        terms = self.terms(inputs, training)
+        return terms[0] if len(terms) == 1 else _tf().math.add_n(terms)
+
+    def compute_output_shape(self, shape):
+        return self.operations[0].compute_output_shape(shape)
 
     def get_config(self):
         return {**super().get_config(), "ops": self.op_names, "channels": self.channels,
@@ -385,48 +553,77 @@ class BonsaiCell(keras.layers.Layer):
     def build(self, input_shapes):
         x_shape = input_shapes[-1]
         if self.has_x and self.x_adapt is None and x_shape[-1] != self.cell.channels:
-            self.x_adapt = _conv_bn(self.cell.channels, "x_adapt")
+            self.x_adapt = ReLUConvBN(self.cell.channels, name="x_adapt")
         keep = {str(j) for j in self.input_ids}
         self.y_adapt = {k: v for k, v in self.y_adapt.items() if k in keep}
         self.y_gates = {k: v for k, v in self.y_gates.items() if k in keep}
+        if self.x_adapt is not None and not self.x_adapt.built:
+            self.x_adapt.build(x_shape)
         for j in self.input_ids:
             shape = input_shapes[j]
-            ratio = max(1, shape[1] // x_shape[1])
+            ratio = genotype_lib.subsample_stride(shape[1:3], x_shape[1:3])
             if str(j) not in self.y_adapt:
                 if shape[-1] != self.cell.channels:
-                    self.y_adapt[str(j)] = _conv_bn(self.cell.channels, f"y_adapt{j}", stride=ratio)
+                    self.y_adapt[str(j)] = ReLUConvBN(self.cell.channels, stride=ratio,
+                                                      name=f"y_adapt{j}")
+                    self.y_adapt[str(j)].build(shape)
                 elif ratio > 1:
                     self.y_adapt[str(j)] = Subsample(ratio, name=f"y_sub{j}")
             if self.with_pruners and str(j) not in self.y_gates:
                 self.y_gates[str(j)] = SawGate(self._init_gate[j], name=f"in_g{j}")
-        self.built = True
+        # Everything builds here, in this cell's name scope, from the shapes the
+        # genotype implies: no variable is made later, inside a traced step.
+        h, w = x_shape[1:3]
+        c = self.cell.channels
+        stride = 2 if self.cell.reduction else 1
+        out_shape = (None, -(-h // stride), -(-w // stride), c)
+        for e in self.cell.edges:
+            edge = self.edges[edge_name(e.src, e.dst)]
+            if not edge.built:
+                edge.build((None, h, w, c) if e.src in ("x", "y") else out_shape)
+        for bn in self.node_bn.values():
+            if not bn.built:
+                bn.build(out_shape)
+        for gate in self.y_gates.values():
+            if not gate.built:
+                gate.build()
 
     def call(self, inputs, training=None):
+        tf = _tf()
         values = {}
         if self.has_x:
             x = inputs[-1]
             values["x"] = self.x_adapt(x, training=training) if self.x_adapt is not None else x
         if self.input_ids:
-            y = None
+            gates = (dict(zip(self.y_gates, gate_values(list(self.y_gates.values()))))
+                     if self.y_gates else {})
+            ys = []
             for j in self.input_ids:
                 t = inputs[j]
                 if str(j) in self.y_adapt:
                     t = self.y_adapt[str(j)](t, training=training)
-                if str(j) in self.y_gates:
-                    t = self.y_gates[str(j)](t)
-                y = t if y is None else y + t
-            values["y"] = y
+                if str(j) in gates:
+                    t = t * gates[str(j)]
+                ys.append(t)
+            values["y"] = ys[0] if len(ys) == 1 else tf.math.add_n(ys)
         out = None
         for dst in range(self.cell.nodes):
-            incoming = [self.edges[edge_name(e.src, e.dst)](values[e.src], training=training)
-                        for e in self.cell.edges if e.dst == dst and e.src in values]
-            if not incoming:
+            # Every operation of every edge into this node, summed in one add_n.
+            terms = []
+            for e in self.cell.edges:
+                if e.dst == dst and e.src in values:
+                    terms += self.edges[edge_name(e.src, e.dst)].terms(values[e.src], training)
+            if not terms:
                 continue
-            total = incoming[0]
-            for t in incoming[1:]:
-                total = total + t
+            total = terms[0] if len(terms) == 1 else tf.math.add_n(terms)
             values[dst] = out = self.node_bn[str(dst)](total, training=training)
         return out
+
+    def compute_output_shape(self, input_shapes):
+        h, w = input_shapes[-1][1:3]
+        if self.cell.reduction:
+            h, w = (None if h is None else -(-h // 2)), (None if w is None else -(-w // 2))
+        return (input_shapes[-1][0], h, w, self.cell.channels)
 
     def gates(self):
         """(kind, key, pruner) for every pruner of this cell: kind is 'op' or 'input'."""

@@ -5,11 +5,13 @@ backward pass: every step of an operation's recipe (bonsai_tf.space) stores its
 output, an edge stores the drop-path and gated outputs, and every trainable
 parameter costs its value, its gradient and one optimizer slot. It is exact in
 shapes, so it ranks operations correctly on any device; `measure_step_peak`
-reads the framework allocator's peak during a real training step (GPU, or CPU
-where TensorFlow exposes allocator stats), and a test checks the two agree.
+measures the peak of a real training step (TensorFlow's allocator statistics where
+the device reports them, else the process's peak resident set), and a test checks
+the two agree.
 """
 
 import dataclasses
+import os
 
 from bonsai_tf import genotype as genotype_lib
 from bonsai_tf import space as space_lib
@@ -40,9 +42,12 @@ def op_cost(op, h, w, c, stride):
     """Cost of one gated candidate operation on an (h, w, c) input with `stride`.
 
     Counts the tensors the backward pass keeps: inputs of convolutions, batch norms
-    and max pools, outputs of ReLUs, and the operation's output (the gate's
-    multiplication needs it). The operation's own input belongs to the node that
-    produced it and is counted there.
+    and max pools, outputs of ReLUs, and the operation's gated output, which lives
+    until its node sums it (and which the pruner's gradient needs where the gate is
+    a multiply): so identity and pooling cost their output, as the reference
+    measures them (operation plus pruner output). The operation's own input belongs
+    to the node that produced it and is counted there. An edge computes one ReLU
+    for all its operations that start with one; `estimate` counts it once.
     """
     params = flops = 0
     s = stride
@@ -77,8 +82,6 @@ def op_cost(op, h, w, c, stride):
             kept.add(i - 1)
         if kind == "relu" or i == len(steps) - 1:
             kept.add(i)
-        if kind in ("identity", "zero"):
-            out = 0 if i == 0 else out  # a view of the input (identity) or nothing kept
         sizes.append(out)
         h, w = oh, ow
     acts = extra + sum(sizes[i] for i in kept)
@@ -152,12 +155,28 @@ def _fixed_cost(genotype):
     return acts, params
 
 
+def shared_relu_elements(genotype, c, edge):
+    """Elements per example that op_cost counts more than once on `edge`.
+
+    Each operation's cost counts its leading ReLU, as it would cost alone; the edge
+    computes that ReLU once for all of them (layers.Edge).
+    """
+    k = sum(space_lib.recipe(op)[0] == ("relu",) for op, _ in edge.ops)
+    if k < 2:
+        return 0
+    h, w, ch = cell_shapes(genotype)[c]
+    if edge.src not in ("x", "y") and genotype.cells[c].reduction:
+        h, w = _ceil_div(h, 2), _ceil_div(w, 2)
+    return (k - 1) * h * w * ch
+
+
 def estimate(genotype, batch):
     """Analytical training memory of `genotype` at `batch`: dict of bytes and counts."""
     acts, params = _fixed_cost(genotype)
     op_acts = op_params = flops = 0
     for c, cell in enumerate(genotype.cells):
         for e in cell.edges:
+            op_acts -= shared_relu_elements(genotype, c, e)
             for op, _ in e.ops:
                 cost = edge_op_cost(genotype, c, e.src, op)
                 op_acts += cost.activations
@@ -214,23 +233,112 @@ def size_budget(start, budget_bytes, batch, max_patterns, ops_in_space):
     return first, ratios
 
 
-def measure_step_peak(step_fn, device=None):
-    """Peak allocator bytes above the current level while `step_fn()` runs.
+SOURCE_ENV = "BONSAI_TF_MEMORY_SOURCE"
+SOURCES = ("auto", "allocator", "rss", "none")
 
-    Uses TensorFlow's allocator statistics of `device` (default: the first GPU if
-    there is one, else the CPU, which reports them on TF 2.21). Returns None where
-    the device does not report them.
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+    """The measured peak of one step: `bytes` (None if unmeasured) and where it came from."""
+    bytes: object      # int or None
+    source: str        # "allocator", "rss" or "none"
+
+    @property
+    def mb(self):
+        return None if self.bytes is None else self.bytes / 2**20
+
+
+def measure_step_peak(step_fn, device=None, source=None):
+    """Runs `step_fn()` exactly once and measures its peak memory above the level before.
+
+    Sources, tried in this order unless `source` (or $BONSAI_TF_MEMORY_SOURCE) names one:
+      allocator: TensorFlow's allocator statistics of `device` (default: the first GPU,
+        else the CPU). Only some builds and CPUs report them: TensorFlow 2.21 does on
+        the CPU when its oneDNN kernels are on, not on an AVX2-only CPU with them off.
+      rss: the process's peak resident set (Linux): freed heap memory is returned to
+        the OS (malloc_trim), the peak is reset through /proc/self/clear_refs, and
+        VmHWM is read after the step.
+      none: the step runs unmeasured.
+    Returns a StepMemory. The step always runs, whatever the machine offers.
     """
+    source = source or os.environ.get(SOURCE_ENV) or "auto"
+    if source not in SOURCES:
+        raise ValueError(f"memory source {source!r}; expected one of {SOURCES}")
+    if source in ("auto", "allocator"):
+        measured = _allocator_peak(step_fn, device)
+        if measured is not None:
+            return measured
+        if source == "allocator":
+            step_fn()
+            return StepMemory(None, "none")
+    if source in ("auto", "rss") and rss_supported():
+        return _rss_peak(step_fn)
+    step_fn()
+    return StepMemory(None, "none")
+
+
+def allocator_stats_device(device=None):
+    """The device whose allocator statistics can be reset and read, or None."""
     import tensorflow as tf
     if device is None:
         device = "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
     try:
         tf.config.experimental.reset_memory_stats(device)
-        base = tf.config.experimental.get_memory_info(device)["current"]
+        tf.config.experimental.get_memory_info(device)
     except (ValueError, RuntimeError, tf.errors.OpError):
         return None
-    step_fn()
-    info = tf.config.experimental.get_memory_info(device)
-    if info["peak"] == 0:
+    return device
+
+
+def _allocator_peak(step_fn, device):
+    import tensorflow as tf
+    device = allocator_stats_device(device)
+    if device is None:
         return None
-    return max(0, info["peak"] - base)
+    base = tf.config.experimental.get_memory_info(device)["current"]
+    step_fn()
+    peak = tf.config.experimental.get_memory_info(device)["peak"]
+    return StepMemory(max(0, peak - base), "allocator")
+
+
+_STATUS = "/proc/self/status"
+_CLEAR_REFS = "/proc/self/clear_refs"
+
+
+def _status_kb(field):
+    with open(_STATUS) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{_STATUS} has no {field}")
+
+
+def rss_supported():
+    """Whether the peak resident set can be reset and read (Linux, own clear_refs)."""
+    try:
+        _status_kb("VmHWM")
+        return os.access(_CLEAR_REFS, os.W_OK)
+    except OSError:
+        return False
+
+
+def _trim_heap():
+    """Returns freed heap pages to the OS, so that RSS counts live memory only (glibc)."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS then includes cached free memory
+        pass
+
+
+def _rss_peak(step_fn):
+    _trim_heap()
+    try:
+        base = _status_kb("VmRSS")
+        with open(_CLEAR_REFS, "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        step_fn()
+        return StepMemory(None, "none")
+    step_fn()
+    return StepMemory(max(0, _status_kb("VmHWM") - base) * 1024, "rss")

@@ -1,9 +1,16 @@
-"""The network: a Keras functional model assembled from stem, Bonsai cells and heads.
+"""The network: stem, Bonsai cells and heads, and the Keras model that runs them.
 
-`Network` owns the layer objects; `model` is rebuilt from them after every
-structural change (deadheading, growth). Layers of removed operations are simply
-no longer referenced, so their variables leave the model, while every surviving
-layer object, and with it its trained weights, is reused.
+`Network` owns the layer objects. Its `model` is a small Keras model that runs
+them in order; after a structural change (deadheading, growth) a new one is made
+over the surviving layers, so layers of removed operations are no longer
+referenced and their variables leave the model, while every surviving layer
+object, and with it its trained weights, is reused. Every layer is built from the
+shapes the genotype implies, without a symbolic or eager pass, so a rebuild costs
+next to nothing and no variable is ever created inside a traced step.
+
+`deployable(net)` turns a network without pruners into a functional model of
+plain Keras layers (Conv2D, DepthwiseConv2D, BatchNormalization, ...) with the
+same weights: what is saved as model.keras and exported, loadable with Keras alone.
 """
 
 import dataclasses
@@ -12,16 +19,33 @@ import keras
 
 from bonsai_tf import genotype as genotype_lib
 from bonsai_tf import layers as L
+from bonsai_tf import memory as memory_lib
 
 
 def make_head(num_classes, cell_index):
-    return keras.Sequential([keras.layers.GlobalAveragePooling2D(name="gap"),
-                             keras.layers.Dense(num_classes, name="dense")],
-                            name=f"head{cell_index}")
+    return L.Head(num_classes, name=f"head{cell_index}")
+
+
+class BonsaiModel(keras.Model):
+    """Runs normalisation, stem, cells and heads; returns [final logits, aux logits...]."""
+
+    def __init__(self, normalize, stem, cells, heads, **kwargs):
+        super().__init__(name="bonsai", **kwargs)
+        self.normalize, self.stem = normalize, stem
+        self.cells = list(cells)
+        self.head_cells = [c for c, _ in heads]
+        self.heads = [h for _, h in heads]
+        self.built = True  # every layer was built from shapes (Network._build)
+
+    def call(self, inputs, training=None):
+        outs = [self.stem(self.normalize(inputs), training=training)]
+        for cell in self.cells:
+            outs.append(cell(outs, training=training))
+        return [head(outs[c + 1]) for c, head in zip(self.head_cells, self.heads)]
 
 
 class Network:
-    """Layers and functional model for one genotype.
+    """Layers and model for one genotype.
 
     Args:
       genotype: the `genotype.Genotype` to build.
@@ -44,11 +68,7 @@ class Network:
         self.with_pruners, self.drop_path, self.aux_heads, self.seed = (
             with_pruners, drop_path, aux_heads, seed)
         self.normalize = L.Standardize(self.mean, self.std, name="standardize")
-        # Explicit inner names keep variable paths (checkpoint keys) stable across processes.
-        self.stem = keras.Sequential([
-            keras.layers.Conv2D(genotype.scale, 3, strides=genotype.stem_stride, padding="same",
-                                use_bias=False, name="conv"),
-            L.batch_norm("bn")], name="stem")
+        self.stem = L.Stem(genotype.scale, genotype.stem_stride, name="stem")
         self.cells = []
         self.heads = {}
         self._sync(genotype)
@@ -71,24 +91,30 @@ class Network:
         self.cells = cells
         self.genotype = genotype
         wanted = [len(cells) - 1] + (genotype_lib.head_cells(genotype) if self.aux_heads else [])
-        heads = {}
-        for c in wanted:
-            key = str(c)
-            heads[key] = self.heads.get(key) or make_head(genotype.num_classes, c)
-        self.heads = heads
-        self.model = self._functional()
+        self.heads = {str(c): self.heads.get(str(c)) or make_head(genotype.num_classes, c)
+                      for c in wanted}
+        self._build()
 
-    def _functional(self):
-        inputs = keras.Input(self.genotype.input_shape, name="image")
-        outs = [self.stem(self.normalize(inputs))]
-        for cell in self.cells:
-            outs.append(cell(outs))
+    def _build(self):
+        """Builds every unbuilt layer from the shapes the genotype implies."""
+        g = self.genotype
+        if not self.stem.built:
+            self.stem.build((None,) + tuple(g.input_shape))
+        shapes = [(None,) + tuple(memory_lib.stem_shape(g))]
+        for spec, cell in zip(g.cells, self.cells):
+            if not cell.built:
+                cell.build(shapes)
+            h, w = shapes[-1][1:3]
+            if spec.reduction:
+                h, w = genotype_lib.halve(h), genotype_lib.halve(w)
+            shapes.append((None, h, w, spec.channels))
+        for key, head in self.heads.items():
+            if not head.built:
+                head.build(shapes[int(key) + 1])
         final = str(len(self.cells) - 1)
-        logits = [self.heads[final](outs[-1])]
-        for key in sorted((k for k in self.heads if k != final), key=int):
-            logits.append(self.heads[key](outs[int(key) + 1]))
-        # Always a list of outputs (final first), also with a single head.
-        return keras.Model(inputs, logits, name="bonsai")
+        order = [final] + sorted((k for k in self.heads if k != final), key=int)
+        self.model = BonsaiModel(self.normalize, self.stem, self.cells,
+                                 [(int(k), self.heads[k]) for k in order])
 
     def rebuild(self, genotype):
         """Rebuilds for `genotype` (pruned or grown), keeping every surviving layer."""
@@ -124,7 +150,7 @@ class Network:
         """The network without pruners: open gates folded (= 1), closed ones removed.
 
         It shares the trained layers of this network, so no weights are copied. With
-        the defaults (no aux heads, no drop-path) it is the deployable network.
+        the defaults (no aux heads, no drop-path) it is the network to deploy.
         """
         g = (genotype or self.closed_removed()).canonical().validate()
         if len(g.cells) != len(self.cells):
@@ -138,19 +164,20 @@ class Network:
                      for c, spec in enumerate(g.cells)]
         wanted = [len(g.cells) - 1] + (genotype_lib.head_cells(g) if aux_heads else [])
         net.heads = {str(c): self.heads.get(str(c)) or make_head(g.num_classes, c) for c in wanted}
-        net.model = net._functional()
+        net._build()
         return net
 
     def closed_removed(self):
-        """The current genotype without operations and inputs whose gate is closed now."""
+        """The current genotype without operations and inputs whose gate is closed now.
+
+        Where that would leave a cell without a path from its inputs to its output,
+        the strongest path of closed gates stays (genotype.keep_strongest_path), so
+        the final network always builds.
+        """
         g = self.current_genotype()
-        cells = []
-        for spec in g.cells:
-            edges = tuple(dataclasses.replace(e, ops=tuple((o, w) for o, w in e.ops if w > 0))
-                          for e in spec.edges)
-            cells.append(dataclasses.replace(spec, edges=edges,
-                                             inputs=tuple((j, w) for j, w in spec.inputs if w > 0)))
-        return dataclasses.replace(g, cells=tuple(cells)) if self.with_pruners else g
+        if not self.with_pruners:
+            return g
+        return dataclasses.replace(g, cells=tuple(genotype_lib.open_part(c) for c in g.cells))
 
     def reseed(self, epoch):
         """Puts every drop-path generator in a state fixed by (seed, epoch).
@@ -169,3 +196,117 @@ class Network:
 
     def count_params(self):
         return int(sum(int(v.numpy().size) for v in self.model.trainable_weights))
+
+
+# ---- the deployable model: plain Keras layers ------------------------------------
+def deployable(net):
+    """A functional model of built-in Keras layers computing `net`'s final logits.
+
+    `net` must have no pruners (Network.final()). Takes raw pixels (float), like
+    net.model; batch norms run in inference mode. Loads with `keras.models.load_model`
+    alone, converts to TFLite and serves without bonsai_tf.
+    """
+    if net.with_pruners:
+        raise ValueError("deployable() takes a network without pruners: call final() first")
+    layers_ = keras.layers
+    g = net.genotype
+    names = set()
+
+    def name(n):
+        assert n not in names, n
+        names.add(n)
+        return n
+
+    def bn(x, bn_vars, n):
+        layer = layers_.BatchNormalization(momentum=L.BN_MOMENTUM, epsilon=L.BN_EPSILON, name=name(n))
+        y = layer(x)
+        layer.set_weights([v.numpy() for v in (bn_vars.gamma, bn_vars.beta, bn_vars.moving_mean,
+                                                 bn_vars.moving_variance)])
+        return y
+
+    def conv(x, kernel, stride, padding, n):
+        layer = layers_.Conv2D(kernel.shape[-1], kernel.shape[:2], strides=stride, padding=padding,
+                               use_bias=False, name=name(n))
+        y = layer(x)
+        layer.set_weights([kernel.numpy()])
+        return y
+
+    def sub(x, stride, n):
+        return x if stride == 1 else layers_.AveragePooling2D(1, stride, "same", name=name(n))(x)
+
+    def add(terms, n):
+        return terms[0] if len(terms) == 1 else layers_.Add(name=name(n))(terms)
+
+    def operation(x, op, n):
+        for i, step in enumerate(op.recipe):
+            kind, p = step[0], f"{n}_{step[0]}{i}"
+            s = op.stride if i == op.strided_step else 1
+            if kind == "relu":
+                x = layers_.ReLU(name=name(p))(x)
+            elif kind == "bn":
+                x = bn(x, op.bns[i], p)
+            elif kind == "pw":
+                x = conv(x, op.kernels[i], 1, "valid", p)
+            elif kind == "conv":
+                x = conv(x, op.kernels[i], s, "same", p)
+            elif kind == "dw":
+                d = step[2]
+                layer = layers_.DepthwiseConv2D(step[1], strides=1 if d > 1 else s, padding="same",
+                                                dilation_rate=d, use_bias=False, name=name(p))
+                x = layer(x)
+                layer.set_weights([op.kernels[i].numpy()])
+                if d > 1:
+                    x = sub(x, s, p + "_sub")
+            elif kind == "maxpool":
+                x = layers_.MaxPooling2D(step[1], s, "same", name=name(p))(x)
+            elif kind == "avgpool":
+                x = layers_.AveragePooling2D(step[1], s, "same", name=name(p))(x)
+            elif kind == "identity":
+                x = sub(x, s, p)
+            elif kind == "zero":
+                x = layers_.Rescaling(0.0, name=name(p))(sub(x, s, p + "_sub"))
+        return x
+
+    inputs = keras.Input(tuple(g.input_shape), name="image")
+    x = layers_.Normalization(mean=list(net.mean), variance=[s * s for s in net.std],
+                              name=name("standardize"))(inputs)
+    x = conv(x, net.stem.kernel, g.stem_stride, "same", "stem_conv")
+    outs = [bn(x, net.stem.bn, "stem_bn")]
+    for c, (spec, cell) in enumerate(zip(g.cells, net.cells)):
+        p = f"cell{c}"
+        values = {}
+        if cell.has_x:
+            x = outs[-1]
+            if cell.x_adapt is not None:
+                a = cell.x_adapt
+                x = bn(conv(layers_.ReLU(name=name(p + "_x_relu"))(x), a.kernel, a.stride, "valid",
+                            p + "_x_conv"), a.bn, p + "_x_bn")
+            values["x"] = x
+        if cell.input_ids:
+            ys = []
+            for j in cell.input_ids:
+                t, a = outs[j], cell.y_adapt.get(str(j))
+                if isinstance(a, L.ReLUConvBN):
+                    t = bn(conv(layers_.ReLU(name=name(f"{p}_y{j}_relu"))(t), a.kernel, a.stride,
+                                "valid", f"{p}_y{j}_conv"), a.bn, f"{p}_y{j}_bn")
+                elif a is not None:
+                    t = sub(t, a.stride, f"{p}_y{j}_sub")
+                ys.append(t)
+            values["y"] = add(ys, p + "_y")
+        for dst in range(spec.nodes):
+            terms = []
+            for e in spec.edges:
+                if e.dst == dst and e.src in values:
+                    edge = cell.edges[L.edge_name(e.src, e.dst)]
+                    for op in edge.operations:
+                        terms.append(operation(values[e.src], op, f"{p}_{edge.name}_{op.op}"))
+            if terms:
+                values[dst] = out = bn(add(terms, f"{p}_n{dst}_sum"), cell.node_bn[str(dst)].bn,
+                                       f"{p}_n{dst}_bn")
+        outs.append(out)
+    head = net.heads[str(len(net.cells) - 1)]
+    pooled = layers_.GlobalAveragePooling2D(name=name("head_gap"))(outs[-1])
+    dense = layers_.Dense(g.num_classes, name=name("head_dense"))
+    logits = dense(pooled)
+    dense.set_weights([head.kernel.numpy(), head.bias.numpy()])
+    return keras.Model(inputs, logits, name="bonsai_final")

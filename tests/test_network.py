@@ -27,7 +27,7 @@ def test_cells_have_the_right_shapes():
     assert tuple(outs[1].shape) == (None, 12, 12, 4)   # normal: same size and channels
     assert tuple(outs[2].shape) == (None, 6, 6, 8)     # reduction: half size, twice the channels
     logits = net.model(np.zeros((2, 12, 12, 1), np.float32))
-    assert tuple(logits.shape) == (2, 3)
+    assert [tuple(t.shape) for t in logits] == [(2, 3)]  # always a list, final head first
 
 
 def test_pruning_removes_variables_and_parameters():
@@ -48,7 +48,7 @@ def test_pruning_removes_variables_and_parameters():
     # surviving layers keep their trained weights
     same = next(v for v in net.model.weights if v.path == kept_var.path)
     np.testing.assert_allclose(same.numpy(), 0.123)
-    assert tuple(net.model(np.zeros((1, 12, 12, 1), np.float32)).shape) == (1, 3)
+    assert tuple(net.model(np.zeros((1, 12, 12, 1), np.float32))[0].shape) == (1, 3)
 
 
 def test_growth_appends_cells_and_keeps_old_weights():
@@ -66,7 +66,7 @@ def test_growth_appends_cells_and_keeps_old_weights():
 def test_final_network_folds_gates_and_drops_aux_heads():
     g = G.initial("bonsai7", (12, 12, 1), 3, 4, 2, [["n", "na"], ["r"]], 2)
     net = N.Network(g, mean=(80.0,), std=(70.0,))
-    assert len(net.model.outputs) == 2  # final head and the preserved auxiliary head
+    assert len(net.model(np.zeros((1, 12, 12, 1)))) == 2  # final head and the preserved aux head
     # close every gate of one operation kind
     for _, kind, key, p in net.gates():
         if kind == "op" and key[1] == "max_pool_3x3":
@@ -74,10 +74,11 @@ def test_final_network_folds_gates_and_drops_aux_heads():
     x = np.random.RandomState(0).uniform(0, 255, (3, 12, 12, 1)).astype(np.float32)
     expected = net.model(x, training=False)[0].numpy()
     final = net.final()
-    assert len(final.model.outputs) == 1
+    assert len(final.model(np.zeros((1, 12, 12, 1)))) == 1
     assert not any("max_pool" in l for c in final.cells for e in c.cell.edges for l in e.op_names())
     assert not any("/g_" in v.path or "in_g" in v.path for v in final.model.weights)
-    np.testing.assert_allclose(final.model(x, training=False).numpy(), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(final.model(x, training=False)[0].numpy(), expected, rtol=1e-4,
+                               atol=1e-4)
     # the genotype alone rebuilds a network with the same parameter count
     rebuilt = N.Network(final.genotype, mean=(80.0,), std=(70.0,), with_pruners=False, aux_heads=False)
     assert rebuilt.count_params() == final.count_params()
