@@ -19,6 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+import bonsai_tf  # noqa: E402,F401  (before TensorFlow: its oneDNN default applies)
+
 flags.DEFINE_list("scales", ["16", "36"], "Stem channels to time.")
 flags.DEFINE_list("patterns", ["1", "2"], "Pattern counts to time.")
 flags.DEFINE_list("shapes", ["32x32x3", "28x28x1"], "Input shapes HxWxC.")
@@ -52,25 +54,22 @@ def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps
                                batch_size=batch, epochs=1, search_epochs=1, jit_compile=jit,
                                drop_path=0.3, measure_memory=False)
     run = engine.Run(cfg, splits, "/tmp/bench_step_unused", verbose=0)
-    run.state = run._initial_state()
-    g = genotype_lib.Genotype.from_dict(run.state.genotype)
+    g = run.strategy.initial_genotype()
     while genotype_lib.num_patterns(g) < patterns:
         g = genotype_lib.grow(g)
-    run.state.genotype = g.to_dict()
-    run.state.built_bytes = run._built_bytes(g, {})
-    run._build_network()
+    run.prepare(genotype=g)  # the full supernet of `patterns` patterns
     run._set_lrs(0)
     xb, yb = tf.constant(x, tf.float32), tf.constant(y, tf.int64)
-    aim, pressure = tf.constant(0.5), tf.constant(1.0)
+    inputs = {"aim": tf.constant(0.5), "pressure": tf.constant(1.0)}
     for _ in range(2):
-        run.train_step(xb, yb, aim, pressure)["loss"].numpy()
+        run.train_step(xb, yb, inputs)["loss"].numpy()
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        run.train_step(xb, yb, aim, pressure)["loss"].numpy()
+        run.train_step(xb, yb, inputs)["loss"].numpy()
         times.append(time.perf_counter() - t)
     measured = memory_lib.measure_step_peak(
-        lambda: run.train_step(xb, yb, aim, pressure)["loss"].numpy())
+        lambda: run.train_step(xb, yb, inputs)["loss"].numpy())
     step = float(np.median(times))
     return {"scale": scale, "patterns": patterns, "shape": list(shape), "nodes": nodes,
             "space": space, "cells": len(g.cells), "operations": g.num_ops(), "batch": batch,

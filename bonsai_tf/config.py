@@ -7,7 +7,10 @@ import math
 from bonsai_tf import genotype as genotype_lib
 from bonsai_tf import space as space_lib
 
+# The names strategies.get knows (a test keeps the two in step; this module imports
+# no TensorFlow, so the lists cannot be read from the strategies themselves).
 STRATEGIES = ("bonsai", "random", "fixed")
+SEARCHING = ("bonsai",)
 AUGMENT = ("", "none", "crop", "crop_flip", "crop_flip_cutout")  # data.AUGMENT_POLICIES and ''
 
 
@@ -71,6 +74,15 @@ class RunConfig:
     prune_interval: int = 4
     cycle_len: int = 8
     memory_budget_mb: float = 0.0  # 0 = no growth beyond the initial network
+    # bi-level strategies (ASAP): the architecture's optimizer
+    arch_lr: float = 3e-4
+    # ASAP (METHODS.md): tau = tau0 * beta^epoch; prune below threshold / ops on the edge
+    asap_tau0: float = 1.6
+    asap_beta: float = 0.95
+    asap_threshold: float = 0.4
+    # the wall-clock budget of the whole command (0 = none: `epochs` count instead)
+    time_budget_minutes: float = 0.0
+    search_fraction: float = 0.35  # of the training time under a budget
     # run
     seed: int = 0
     deterministic: bool = False
@@ -90,7 +102,8 @@ class RunConfig:
                   name, "an integer")
         floats = ("init_weight", "lr_max", "lr_min", "gate_lr", "momentum", "weight_decay",
                   "drop_path", "aux_weight", "label_smoothing", "lambda_edge", "lambda_input",
-                  "memory_budget_mb")
+                  "memory_budget_mb", "arch_lr", "asap_tau0", "asap_beta", "asap_threshold",
+                  "time_budget_minutes", "search_fraction")
         for name in floats:
             check(isinstance(getattr(self, name), (int, float)) and not isinstance(
                 getattr(self, name), bool), name, "a number")
@@ -125,6 +138,13 @@ class RunConfig:
         check(self.prune_interval >= 1, "prune_interval", ">= 1")
         check(self.cycle_len >= 1, "cycle_len", ">= 1")
         check(self.memory_budget_mb >= 0, "memory_budget_mb", ">= 0 (0 = no growth)")
+        check(self.arch_lr > 0, "arch_lr", "> 0")
+        check(self.asap_tau0 > 0, "asap_tau0", "> 0")
+        check(0 < self.asap_beta <= 1, "asap_beta", "in (0, 1]")
+        check(0 <= self.asap_threshold < 1, "asap_threshold", "in [0, 1)")
+        check(self.time_budget_minutes >= 0 and math.isfinite(self.time_budget_minutes),
+              "time_budget_minutes", ">= 0 (0 = no budget: --epochs count)")
+        check(0 < self.search_fraction < 1, "search_fraction", "in (0, 1)")
         check(self.steps_per_epoch >= 0, "steps_per_epoch", ">= 0")
         check(self.seed >= 0, "seed", ">= 0")
         check(self.init_weight > 0, "init_weight", "> 0 (gates start open)")
@@ -142,7 +162,7 @@ class RunConfig:
 
     @property
     def resolved_search_epochs(self):
-        if self.strategy != "bonsai":
+        if self.strategy not in SEARCHING:
             return 0
         return self.search_epochs or self.epochs // 2
 

@@ -383,6 +383,36 @@ def _prune_cell(cell):
     return dataclasses.replace(cell, edges=kept, inputs=inputs)
 
 
+# ---- removing operations for good --------------------------------------------
+def remove_dead(cell, dead):
+    """`cell` without the operations and inputs in `dead`, most closed first.
+
+    dead: [(gate weight, "op", (src, dst, op)) or (gate weight, "input", j)]. A removal
+    that would leave the cell without a path from its inputs to its output is
+    skipped (that gate stays, closed). Returns (cell, operations removed, inputs
+    removed).
+    """
+    ops = inputs = 0
+    for _, kind, key in sorted(dead, key=lambda t: t[0]):
+        trial = _without(cell, kind, key)
+        if _reaches_output(trial):
+            cell = trial
+            if kind == "op":
+                ops += 1
+            else:
+                inputs += 1
+    return cell, ops, inputs
+
+
+def _without(cell, kind, key):
+    if kind == "input":
+        return dataclasses.replace(cell, inputs=tuple((j, w) for j, w in cell.inputs if j != key))
+    src, dst, op = key
+    return dataclasses.replace(cell, edges=tuple(
+        dataclasses.replace(e, ops=tuple((o, w) for o, w in e.ops if o != op))
+        if (e.src, e.dst) == (src, dst) else e for e in cell.edges))
+
+
 # ---- reading the found network off the gates ---------------------------------
 def open_part(cell):
     """`cell` without the operations and inputs whose gate is closed (weight <= 0).

@@ -44,6 +44,35 @@ def usable_cpus():
         return os.cpu_count() or 1
 
 
+# Up to this many usable cores, independent ops run side by side (inter-op threads,
+# one per core) and each op single-threaded: a supernet is hundreds of small parallel
+# branches. On 2 cores here that made a quick-configuration supernet step 22% faster
+# (0.361 -> 0.283 s) and its final network's 21% (0.145 -> 0.114 s) than TensorFlow's
+# default (2 and 2). Larger machines keep TensorFlow's defaults: not measured.
+FEW_CORES = 4
+
+
+def thread_plan(cpus=None):
+    """(inter-op, intra-op) thread counts for TensorFlow; 0 means TensorFlow's default."""
+    cpus = usable_cpus() if cpus is None else cpus
+    return (cpus, 1) if cpus <= FEW_CORES else (0, 0)
+
+
+def configure_threads(inter=None, intra=None):
+    """Applies `thread_plan()` (or the given counts) to TensorFlow, before it starts its
+    runtime; returns the counts in effect, or None where it had already started."""
+    import tensorflow as tf
+    plan = thread_plan()
+    inter = plan[0] if inter is None else inter
+    intra = plan[1] if intra is None else intra
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+    except RuntimeError:  # the runtime is already initialised: its counts stay
+        return None
+    return inter, intra
+
+
 def _cpuinfo():
     try:
         with open("/proc/cpuinfo") as f:

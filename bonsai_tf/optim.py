@@ -86,3 +86,58 @@ class MomentumSGD:
                 self.slots[key[5:]].assign(value)
             elif key.startswith("lr/") and key[3:] in self.lrs:
                 self.lrs[key[3:]].assign(value)
+
+
+class Adam:
+    """Adam for architecture variables (bilevel strategies), slots keyed by variable path.
+
+    Like MomentumSGD, `build` keeps the moments of surviving variables when the
+    network is rebuilt without some of them. L2 weight decay is added to the
+    gradient, as DARTS and ASAP do for their architecture weights.
+    """
+
+    def __init__(self, lr=3e-4, beta1=0.5, beta2=0.999, epsilon=1e-8, weight_decay=1e-3):
+        self.lr, self.beta1, self.beta2, self.epsilon = lr, beta1, beta2, epsilon
+        self.weight_decay = weight_decay
+        self.slots = {}     # path -> (m, v)
+        self.plan = []
+        self.iterations = tf.Variable(0.0, trainable=False, name="adam_iterations")
+
+    def build(self, variables):
+        slots, plan = {}, []
+        for v in variables:
+            pair = self.slots.get(v.path)
+            if pair is None or tuple(pair[0].shape) != tuple(v.shape):
+                pair = (tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False),
+                        tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False))
+            slots[v.path] = pair
+            plan.append((v, pair))
+        self.slots, self.plan = slots, plan
+        return [p[0] for p in plan]
+
+    def apply(self, grads):
+        self.iterations.assign_add(1.0)
+        t = self.iterations
+        b1p, b2p = tf.pow(self.beta1, t), tf.pow(self.beta2, t)
+        for g, (v, (m, s)) in zip(grads, self.plan):
+            if g is None:
+                continue
+            var = _resource(v)
+            if self.weight_decay:
+                g = g + self.weight_decay * var
+            tf.raw_ops.ResourceApplyAdam(var=var.handle, m=m.handle, v=s.handle, beta1_power=b1p,
+                                         beta2_power=b2p, lr=self.lr, beta1=self.beta1,
+                                         beta2=self.beta2, epsilon=self.epsilon, grad=g)
+
+    def state(self):
+        out = {"iterations": np.asarray(self.iterations.numpy())}
+        for k, (m, s) in self.slots.items():
+            out[f"m/{k}"], out[f"v/{k}"] = m.numpy(), s.numpy()
+        return out
+
+    def load_state(self, arrays):
+        for key, value in arrays.items():
+            if key == "iterations":
+                self.iterations.assign(value)
+            elif key[:2] in ("m/", "v/") and key[2:] in self.slots:
+                self.slots[key[2:]][0 if key[0] == "m" else 1].assign(value)

@@ -29,22 +29,21 @@ def make_run(tiny_splits, run_dir, **kw):
 
 def test_compression_loss_pushes_gates_the_right_way(tiny_splits, tmp_path):
     run = make_run(tiny_splits, tmp_path)
-    run.state = run._initial_state()
-    run._build_network()
+    run.prepare()
     # identity costs no memory, so the compression loss does not move its gate
     op_gates = [p.w for _, kind, key, p in run.net.gates() if kind == "op" and key[1] != "identity"]
     with tf.GradientTape() as tape:
-        loss = run.compression_loss(tf.constant(0.2), tf.constant(1.0))
+        loss = run.extra_loss({"aim": tf.constant(0.2), "pressure": tf.constant(1.0)})
     grads = tape.gradient(loss, op_gates)
     assert all(float(g) > 0 for g in grads)  # every gate open, aim below: descent closes them
     for w in op_gates:
         w.assign(-0.1)
     with tf.GradientTape() as tape:
-        loss = run.compression_loss(tf.constant(0.9), tf.constant(1.0))
+        loss = run.extra_loss({"aim": tf.constant(0.9), "pressure": tf.constant(1.0)})
     grads = tape.gradient(loss, op_gates)
     assert all(float(g) < 0 for g in grads)  # all closed, aim above: descent reopens them
     with tf.GradientTape() as tape:
-        doubled = run.compression_loss(tf.constant(0.9), tf.constant(2.0))
+        doubled = run.extra_loss({"aim": tf.constant(0.9), "pressure": tf.constant(2.0)})
     assert float(doubled) == pytest.approx(2 * float(loss), rel=1e-5)
 
 
@@ -117,3 +116,14 @@ def test_fixed_and_random_strategies_train_a_genotype(tiny_splits, tmp_path, str
     from bonsai_tf import network as N
     rebuilt = N.Network(g, mean=(80.0,), std=(70.0,), with_pruners=False, aux_heads=False)
     assert rebuilt.count_params() == metrics["params"]
+
+
+def test_config_and_registry_name_the_same_strategies():
+    from bonsai_tf import strategies
+    assert sorted(config_lib.STRATEGIES) == strategies.names()
+    assert set(config_lib.SEARCHING) == {n for n in strategies.names()
+                                         if strategies.get(n).searches}
+    with pytest.raises(ValueError, match="already registered"):
+        strategies.register(strategies.get("bonsai"))
+    with pytest.raises(ValueError, match="unknown strategy 'nope'; expected one of"):
+        strategies.get("nope")

@@ -53,10 +53,10 @@ splits = data_lib.Splits(train=(x, y), val=(x, y), test=(x, y), info=info)
 cfg = config_lib.RunConfig(scale=8, nodes=2, patterns=(("n",), ("r",)), batch_size=32, epochs=1,
                            search_epochs=1, measure_memory=False, drop_path=0.0)
 run = engine.Run(cfg, splits, "/nonexistent", verbose=0)
-run.state = run._initial_state()
-run._build_network()
+run.prepare()
 xb, yb = tf.constant(x, tf.float32), tf.constant(y, tf.int64)
-step = lambda: run.train_step(xb, yb, tf.constant(0.5), tf.constant(1.0))["loss"].numpy()
+inputs = {"aim": tf.constant(0.5), "pressure": tf.constant(1.0)}
+step = lambda: run.train_step(xb, yb, inputs)["loss"].numpy()
 step()
 m = M.measure_step_peak(step)
 print(json.dumps({"source": m.source, "bytes": m.bytes,

@@ -9,6 +9,9 @@ import json
 import os
 import shutil
 import sys
+import time
+
+STARTED = time.time()  # the command's start: a --time_budget_minutes counts from here
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,8 +34,9 @@ flags.DEFINE_integer("verbose", 1, "0: no progress bars; 1: a progress bar, redr
                      "terminal; when stdout is not a terminal (redirected to a file) one line "
                      "per epoch instead, as 2; 2: one line per epoch.")
 flags.DEFINE_enum("strategy", D.strategy, list(config_lib.STRATEGIES),
-                  "bonsai: search; random: random baseline matching --genotype; fixed: train "
-                  "--genotype from scratch.")
+                  "bonsai: BonsaiNet search (pruning and growth); asap: ASAP search "
+                  "(annealing and pruning); random: random baseline matching --genotype; fixed: "
+                  "train --genotype from scratch.")
 flags.DEFINE_string("space", D.space, "Operation set: bonsai7, darts8 or small.")
 flags.DEFINE_integer("scale", D.scale, "Stem channels C.")
 flags.DEFINE_integer("nodes", D.nodes, "Intermediate nodes per cell.")
@@ -58,6 +62,20 @@ flags.DEFINE_float("lambda_edge", D.lambda_edge, "Weight of the operation compre
 flags.DEFINE_float("lambda_input", D.lambda_input, "Weight of the input compression loss.")
 flags.DEFINE_integer("prune_interval", D.prune_interval, "Epochs between deadheads.")
 flags.DEFINE_integer("cycle_len", D.cycle_len, "Epochs per compression cycle.")
+flags.DEFINE_float("time_budget_minutes", D.time_budget_minutes, "Wall-clock budget of the whole "
+                   "command (start-up, search, final training, export, report). The run times "
+                   "its steps and plans its epochs to end within it on this machine; --epochs "
+                   "and --search_epochs are then not used. 0: no budget.")
+flags.DEFINE_float("search_fraction", D.search_fraction, "Under a time budget: the share of the "
+                   "training time given to the search.")
+flags.DEFINE_float("arch_lr", D.arch_lr, "Bi-level strategies (asap): Adam learning rate of the "
+                   "architecture weights.")
+flags.DEFINE_float("asap_tau0", D.asap_tau0, "ASAP: initial softmax temperature.")
+flags.DEFINE_float("asap_beta", D.asap_beta, "ASAP: temperature decay per epoch.")
+flags.DEFINE_float("asap_threshold", D.asap_threshold, "ASAP: an operation whose weight falls "
+                   "below threshold / (operations on its edge) is removed.")
+flags.DEFINE_string("threads", "auto", "TensorFlow threads as INTER,INTRA, or auto: one op per "
+                    "core on machines of up to 4 cores, TensorFlow's default above.")
 flags.DEFINE_float("memory_budget_mb", D.memory_budget_mb, "Training-memory budget (MB) that "
                    "growth fills; 0: no growth.")
 flags.DEFINE_string("val_size", str(D.val_size), "Training examples held out for validation: a "
@@ -74,10 +92,11 @@ flags.DEFINE_integer("steps_per_epoch", D.steps_per_epoch, "Cap on steps per epo
 flags.DEFINE_bool("measure_memory", D.measure_memory, "Measure allocator peak memory.")
 FLAGS = flags.FLAGS
 
-RUN_FLAGS = ("output_dir", "overwrite", "export", "verbose")
+RUN_FLAGS = ("output_dir", "overwrite", "export", "verbose", "threads")
 OURS = ("config.json", "dataset.json", "genotype.json", "metrics.jsonl", "metrics.json",
         "checkpoint", "checkpoint.old", "checkpoint.new", "tensorboard", "model.keras",
-        "report.md", "saved_model", "model.tflite", "model_int8.tflite", "export.json", "log.txt")
+        "report.md", "saved_model", "model.tflite", "model_int8.tflite", "export.json", "log.txt",
+        "plan.json")
 
 
 class UsageError(ValueError):
@@ -219,11 +238,28 @@ def _check_genotype_fits(cfg, info):
             f"{info.num_classes} classes (--dataset={cfg.dataset})")
 
 
-def run(cfg, output_dir, overwrite=False, export=True, verbose=1):
+def parse_threads(text):
+    """--threads: 'auto' -> None, 'INTER,INTRA' -> (inter, intra)."""
+    if text.strip() == "auto":
+        return None
+    try:
+        inter, intra = (int(v) for v in text.split(","))
+        if inter < 0 or intra < 0:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"--threads={text!r}; expected auto or INTER,INTRA (two integers "
+                         f">= 0, 0 = TensorFlow's default)") from None
+    return inter, intra
+
+
+def run(cfg, output_dir, overwrite=False, export=True, verbose=1, threads=None, started=None):
     """Runs (or resumes) `cfg` in `output_dir` and writes report and exports.
 
     verbose: 0, 1 or 2 as --verbose (1 is 2 when stdout is not a terminal).
+    threads: (inter, intra) TensorFlow threads, or None for machine.thread_plan().
+    started: time.time() when the command began (a time budget counts from it).
     """
+    started = time.time() if started is None else started
     from bonsai_tf import run_dir as rd
     check_output_dir(output_dir)
     if os.path.isdir(output_dir):
@@ -232,7 +268,9 @@ def run(cfg, output_dir, overwrite=False, export=True, verbose=1):
     import tensorflow as tf
     from bonsai_tf import data as data_lib
     from bonsai_tf import engine
+    from bonsai_tf import machine
     from bonsai_tf import report
+    machine.configure_threads(*(threads or (None, None)))
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
     splits = data_lib.load_dataset(cfg.dataset, cfg.data_dir or None, val_size=cfg.val_size,
@@ -266,7 +304,7 @@ def run(cfg, output_dir, overwrite=False, export=True, verbose=1):
         metrics = rd.read_json(os.path.join(output_dir, "metrics.json"))
     else:
         log.info("%s run in %s (%s)", cfg.strategy, output_dir, status)
-        metrics = engine.Run(cfg, splits, output_dir,
+        metrics = engine.Run(cfg, splits, output_dir, started=started,
                              verbose=cli.progress_verbosity(verbose, sys.stdout)).run()
     if export:
         from bonsai_tf import export as export_lib
@@ -301,7 +339,8 @@ def _main(argv, overrides, implied, strategies):
         genotype_lib.Genotype.load(cfg.genotype)  # a bad --genotype fails before TensorFlow loads
     output_dir = FLAGS.output_dir or os.path.join(
         "runs", f"{cfg.dataset.replace(':', '_').replace('/', '_')}-{cfg.strategy}")
-    run(cfg, output_dir, FLAGS.overwrite, FLAGS.export, FLAGS.verbose)
+    run(cfg, output_dir, FLAGS.overwrite, FLAGS.export, FLAGS.verbose,
+        threads=parse_threads(FLAGS.threads), started=STARTED)
     return 0
 
 

@@ -1,0 +1,127 @@
+"""Planning a run to end within a wall-clock budget on the machine at hand.
+
+Machines of the same kind differ by 4x or more in speed, so a run given
+`time_budget_minutes` does not count epochs: it measures its own step times and
+plans. The budget covers the whole command (start-up, training, the final test
+evaluation, export and report). Of the time left for training once start-up is
+over and a reserve for the finish is set aside, the search gets `search_fraction`
+and the final network the rest.
+
+A phase (search or final) is planned after its first few steps have been timed:
+  steps available = phase seconds / measured seconds per step
+  steps per epoch = a full pass, or less so that the phase has `min_epochs` epochs
+  epochs          = steps available // steps per epoch
+and re-planned after each of its epochs from the time that epoch really took, so
+that a run that falls behind (a shared machine, a larger network after growth)
+shortens its phase, and one that gains (pruned operations) lengthens it.
+
+Learning rates follow the plan: `progress` maps every step to [0, 1] of the run,
+the search covering [0, search_fraction) and the final phase the rest, and the
+cosine schedules are functions of progress. Everything here is plain data (JSON
+in the checkpoint and in plan.json), so a resumed run keeps its plan.
+"""
+
+import dataclasses
+
+MIN_EPOCHS = {"search": 6, "final": 4}
+PROBE_STEPS = 6            # steps timed (after the first, traced one) before planning
+RESERVE_FRACTION = 0.06    # of the budget, kept for the test evaluation, export, report
+RESERVE_MIN_SECONDS = 45.0
+
+
+@dataclasses.dataclass
+class PhasePlan:
+    epochs: int
+    steps_per_epoch: int
+    step_seconds: float     # measured
+    seconds: float          # allotted when planned
+    start_epoch: int        # the run's epoch index at which the phase began
+
+    def steps(self):
+        return self.epochs * self.steps_per_epoch
+
+
+@dataclasses.dataclass
+class Plan:
+    budget_seconds: float
+    search_fraction: float
+    reserve_seconds: float
+    startup_seconds: float
+    phases: dict = dataclasses.field(default_factory=dict)   # phase -> PhasePlan
+    log: list = dataclasses.field(default_factory=list)      # what was decided, when, why
+
+    # ---- time ----------------------------------------------------------------------
+    def training_seconds(self):
+        return max(0.0, self.budget_seconds - self.startup_seconds - self.reserve_seconds)
+
+    def phase_seconds(self, phase, elapsed):
+        """Seconds the phase may use; `elapsed` is the whole run's so far."""
+        if phase == "search":
+            return self.search_fraction * self.training_seconds()
+        # The final phase gets whatever is left before the reserve.
+        return max(0.0, self.budget_seconds - self.reserve_seconds - elapsed)
+
+    # ---- planning --------------------------------------------------------------------
+    def plan_phase(self, phase, epoch, seconds, step_seconds, full_pass_steps):
+        """Plans `phase`, starting at run epoch `epoch`, into `seconds`."""
+        step_seconds = max(step_seconds, 1e-6)
+        available = max(1, int(seconds / step_seconds))
+        per_epoch = max(1, min(full_pass_steps, available // MIN_EPOCHS[phase]))
+        epochs = max(1, available // per_epoch)
+        self.phases[phase] = PhasePlan(epochs, per_epoch, step_seconds, seconds, epoch)
+        self.log.append({"epoch": epoch, "phase": phase, "epochs": epochs,
+                         "steps_per_epoch": per_epoch, "step_seconds": round(step_seconds, 4),
+                         "seconds": round(seconds, 1),
+                         "why": f"{seconds:.0f} s for the {phase} at {step_seconds:.3f} s/step "
+                                f"measured: {available} steps"})
+        return self.phases[phase]
+
+    def replan(self, phase, epochs_done, seconds_left, epoch_seconds):
+        """After an epoch of `phase`: fit the remaining epochs into `seconds_left`."""
+        p = self.phases[phase]
+        fit = max(0, int(seconds_left / max(epoch_seconds, 1e-6)))
+        # The phase ends at its planned length at the latest after one extra epoch of
+        # slack either way: small timing noise does not move the schedule.
+        wanted = epochs_done + fit
+        if wanted < p.epochs:
+            why = f"behind: an epoch takes {epoch_seconds:.1f} s, {seconds_left:.0f} s left"
+        elif wanted > p.epochs + 1:
+            wanted = wanted - 1   # keep a margin when gaining time
+            why = f"ahead: an epoch takes {epoch_seconds:.1f} s, {seconds_left:.0f} s left"
+        else:
+            return False
+        wanted = max(wanted, epochs_done if phase == "search" else epochs_done + (fit > 0))
+        if wanted == p.epochs:
+            return False
+        self.log.append({"epoch": p.start_epoch + epochs_done, "phase": phase,
+                         "epochs": wanted, "was": p.epochs, "why": why})
+        p.epochs = wanted
+        return True
+
+    def progress(self, phase, epochs_done, step):
+        """Position in [0, 1] of the run's learning-rate schedules at this step."""
+        p = self.phases.get(phase)
+        within = 0.0
+        if p is not None and p.steps():
+            within = min(1.0, (epochs_done * p.steps_per_epoch + step) / p.steps())
+        f = self.search_fraction if "search" in self.phases else 0.0
+        return f * within if phase == "search" else f + (1.0 - f) * within
+
+    # ---- JSON ----------------------------------------------------------------------
+    def to_dict(self):
+        d = dataclasses.asdict(self)
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        d["phases"] = {k: PhasePlan(**v) for k, v in d.get("phases", {}).items()}
+        d["log"] = list(d.get("log", []))
+        return cls(**d)
+
+
+def new_plan(budget_seconds, search_fraction, startup_seconds, searches=True):
+    reserve = max(RESERVE_MIN_SECONDS, RESERVE_FRACTION * budget_seconds)
+    return Plan(budget_seconds=float(budget_seconds),
+                search_fraction=float(search_fraction if searches else 0.0),
+                reserve_seconds=float(reserve), startup_seconds=float(startup_seconds))
