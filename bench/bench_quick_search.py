@@ -16,6 +16,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "train"))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -25,6 +26,7 @@ def main():
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     import runner  # noqa: E402  (flags are defined on import)
+    import calibrate  # noqa: E402
     started = time.time()
     status = runner.main([sys.argv[0], f"--flagfile={ROOT}/train/configs/fmnist_quick.flags",
                           f"--output_dir={out_dir}", "--verbose=0", *sys.argv[1:]])
@@ -42,7 +44,7 @@ def main():
                             capture_output=True, text=True).stdout.strip()
     figures = {
         "config": "train/configs/fmnist_quick.flags", "commit": commit,
-        "machine": f"{os.cpu_count()} CPU cores",
+        "machine": calibrate.describe(),
         "test_accuracy": metrics["test_accuracy"], "params": metrics["params"],
         "cells": metrics["cells"], "operations": metrics.get("operations"),
         "genotype_hash": metrics["genotype_hash"],

@@ -16,6 +16,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags  # noqa: E402
 
@@ -83,6 +84,9 @@ def main(argv):
     del argv
     import json as _json
     import tensorflow as tf
+    import calibrate
+    from bonsai_tf import machine
+    machine.configure_threads()
     results = []
     for shape in FLAGS.shapes:
         shape = tuple(int(v) for v in shape.split("x"))
@@ -99,8 +103,7 @@ def main(argv):
                 tf.keras.backend.clear_session()
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     with open(FLAGS.out, "w") as f:
-        json.dump({"machine": f"{os.cpu_count()} CPU cores", "tensorflow": tf.__version__,
-                   "results": results}, f, indent=1)
+        json.dump({"machine": calibrate.describe(), "results": results}, f, indent=1)
     print(f"wrote {FLAGS.out}")
 
 

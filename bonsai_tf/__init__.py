@@ -9,3 +9,9 @@ __version__ = "0.1.0"
 # (machine.py). A user's own TF_ENABLE_ONEDNN_OPTS, or TensorFlow imported first,
 # wins.
 _machine.use_onednn_by_default()
+
+
+def search(*args, **kwargs):
+    """Searches an architecture for images in memory: see bonsai_tf.api.search."""
+    from bonsai_tf import api  # TensorFlow loads only when a search is asked for
+    return api.search(*args, **kwargs)

@@ -27,20 +27,37 @@ MIN_EPOCHS = {"search": 6, "final": 4}
 PROBE_STEPS = 6            # steps timed (after the first, traced one) before planning
 RESERVE_FRACTION = 0.06    # of the budget, kept for the test evaluation, export, report
 RESERVE_MIN_SECONDS = 45.0
+# The finish, once its speed is known: a fixed part (saving, SavedModel, two TFLite
+# conversions, the report) and passes over the data (test evaluation; the export
+# evaluates Keras, SavedModel and two TFLite models on the test split and two int8
+# candidates on the validation split), priced at the validation pass's speed.
+FINISH_BASE_SECONDS = 40.0
+FINISH_TEST_PASSES = 6
+FINISH_VAL_PASSES = 3
 
 
 @dataclasses.dataclass
 class PhasePlan:
     epochs: int
     steps_per_epoch: int
-    step_seconds: float     # measured
+    step_seconds: float     # measured, median of a step after the first
     seconds: float          # allotted when planned
     start_epoch: int        # the run's epoch index at which the phase began
+    overhead: list = dataclasses.field(default_factory=list)  # per epoch: seconds not in steps
 
     def steps(self):
         return self.epochs * self.steps_per_epoch
 
+    def epoch_seconds(self):
+        """What an epoch of this phase is expected to take from now on.
 
+        Steps at the measured rate, plus the mean time an epoch spends outside its
+        steps (validation, checkpoint, the retracing after a structural change). The
+        phase's first epoch also traced the step for the first time: it counts only
+        while it is the only one.
+        """
+        extra = self.overhead[1:] or self.overhead[:1] or [0.0]
+        return self.steps_per_epoch * self.step_seconds + sum(extra) / len(extra)
 @dataclasses.dataclass
 class Plan:
     budget_seconds: float
@@ -76,23 +93,36 @@ class Plan:
                                 f"measured: {available} steps"})
         return self.phases[phase]
 
-    def replan(self, phase, epochs_done, seconds_left, epoch_seconds):
-        """After an epoch of `phase`: fit the remaining epochs into `seconds_left`."""
+    def epoch_done(self, phase, epoch_seconds, steps, step_seconds, first_step_seconds):
+        """Notes what an epoch of `phase` took: its steps' rate and the rest."""
         p = self.phases[phase]
-        fit = max(0, int(seconds_left / max(epoch_seconds, 1e-6)))
-        # The phase ends at its planned length at the latest after one extra epoch of
-        # slack either way: small timing noise does not move the schedule.
+        if steps > 1:
+            p.step_seconds = step_seconds
+        outside = epoch_seconds - first_step_seconds - max(0, steps - 1) * p.step_seconds
+        if p.overhead:
+            outside += first_step_seconds - p.step_seconds  # a retrace after a rebuild
+        p.overhead.append(max(0.0, outside))
+
+    def replan(self, phase, epochs_done, seconds_left):
+        """After an epoch of `phase`: fit the remaining epochs into `seconds_left`.
+
+        Changes the plan only when it is off by more than an epoch and a tenth of
+        what remains, so timing noise does not move the schedule.
+        """
+        p = self.phases[phase]
+        each = p.epoch_seconds()
+        fit = max(0, int(seconds_left / max(each, 1e-6)))
+        remaining = p.epochs - epochs_done
+        if abs(fit - remaining) <= max(1, 0.1 * remaining):
+            if fit > 0 or remaining <= 0:
+                return False
         wanted = epochs_done + fit
-        if wanted < p.epochs:
-            why = f"behind: an epoch takes {epoch_seconds:.1f} s, {seconds_left:.0f} s left"
-        elif wanted > p.epochs + 1:
-            wanted = wanted - 1   # keep a margin when gaining time
-            why = f"ahead: an epoch takes {epoch_seconds:.1f} s, {seconds_left:.0f} s left"
-        else:
-            return False
-        wanted = max(wanted, epochs_done if phase == "search" else epochs_done + (fit > 0))
+        if phase == "final" and wanted == epochs_done and epochs_done == 0:
+            wanted = 1  # a final network is trained at least once
         if wanted == p.epochs:
             return False
+        why = (f"{'behind' if wanted < p.epochs else 'ahead'}: an epoch takes {each:.1f} s, "
+               f"{seconds_left:.0f} s left")
         self.log.append({"epoch": p.start_epoch + epochs_done, "phase": phase,
                          "epochs": wanted, "was": p.epochs, "why": why})
         p.epochs = wanted
@@ -104,8 +134,21 @@ class Plan:
         within = 0.0
         if p is not None and p.steps():
             within = min(1.0, (epochs_done * p.steps_per_epoch + step) / p.steps())
-        f = self.search_fraction if "search" in self.phases else 0.0
+        f = self.search_fraction
         return f * within if phase == "search" else f + (1.0 - f) * within
+
+    def reserve_for_finish(self, epoch, seconds_per_example, n_test, n_val):
+        """Raises the reserve to what the finish is expected to take at the measured speed."""
+        need = FINISH_BASE_SECONDS + seconds_per_example * (
+            FINISH_TEST_PASSES * n_test + FINISH_VAL_PASSES * n_val)
+        if need <= self.reserve_seconds:
+            return False
+        self.log.append({"epoch": epoch, "phase": "finish", "reserve_seconds": round(need, 1),
+                         "was": round(self.reserve_seconds, 1),
+                         "why": f"evaluation runs at {1000 * seconds_per_example:.2f} ms an "
+                                f"image: the test evaluation and export need about {need:.0f} s"})
+        self.reserve_seconds = need
+        return True
 
     # ---- JSON ----------------------------------------------------------------------
     def to_dict(self):

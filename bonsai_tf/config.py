@@ -9,13 +9,34 @@ from bonsai_tf import space as space_lib
 
 # The names strategies.get knows (a test keeps the two in step; this module imports
 # no TensorFlow, so the lists cannot be read from the strategies themselves).
-STRATEGIES = ("bonsai", "random", "fixed")
-SEARCHING = ("bonsai",)
+STRATEGIES = ("bonsai", "asap", "random", "fixed")
+SEARCHING = ("bonsai", "asap")
 AUGMENT = ("", "none", "crop", "crop_flip", "crop_flip_cutout")  # data.AUGMENT_POLICIES and ''
 
 
 class ConfigError(ValueError):
     """A configuration value out of range or of the wrong type."""
+
+
+def pattern_cap(cfg, image_shape):
+    """How many patterns a run of `cfg` on images of `image_shape` may grow to.
+
+    The spatial size after the stem must stay >= reduction_target through every
+    reduction (genotype.max_patterns), and --max_patterns caps it further. A
+    configuration that leaves not even one pattern is refused here, before any
+    network is built.
+    """
+    h, w = image_shape[:2]
+    spatial = -(-min(h, w) // cfg.stem_stride)
+    cap = genotype_lib.max_patterns(cfg.patterns, spatial, cfg.reduction_target)
+    if cap < 1:
+        first = [list(p) for p in cfg.patterns[:1]]
+        raise ConfigError(f"{h}x{w} images with stem stride {cfg.stem_stride} are {spatial} "
+                          f"pixels across after the stem, too small for one pattern {first} "
+                          f"with reduction_target {cfg.reduction_target}; expected a smaller "
+                          f"--reduction_target or --stem_stride, larger --image_size, or a "
+                          f"first pattern with fewer reductions")
+    return min(cfg.max_patterns or cap, cap)
 
 
 VAL_SIZE_EXPECTED = ("a count >= 0 of training examples (e.g. 5000) or a fraction in (0, 1) "
@@ -145,6 +166,10 @@ class RunConfig:
         check(self.time_budget_minutes >= 0 and math.isfinite(self.time_budget_minutes),
               "time_budget_minutes", ">= 0 (0 = no budget: --epochs count)")
         check(0 < self.search_fraction < 1, "search_fraction", "in (0, 1)")
+        if self.strategy == "asap":
+            # Its architecture steps on held-out batches (first-order bi-level).
+            check(self.val_size != 0, "val_size", "> 0 with strategy=asap (the architecture "
+                  "weights step on the validation split)")
         check(self.steps_per_epoch >= 0, "steps_per_epoch", ">= 0")
         check(self.seed >= 0, "seed", ">= 0")
         check(self.init_weight > 0, "init_weight", "> 0 (gates start open)")

@@ -146,6 +146,68 @@ def load_dataset(name: str, data_dir: str | None = None, *, val_size: int | floa
                   test=(raw.test_x, raw.test_y), info=info)
 
 
+def from_arrays(x, y, x_test=None, y_test=None, *, val_size=0.1, seed=0, class_names=None,
+                name="arrays") -> Splits:
+    """Splits from images in memory, for the Python API (bonsai_tf.search).
+
+    x: [N, H, W] or [N, H, W, C] pixels 0..255 (uint8, or numbers in that range);
+    y: N integer labels 0..classes-1. Without x_test/y_test, a stratified 20% of x
+    (fixed seed) is held out as the test split, as for a folder dataset.
+    """
+    x = _array_images(x, "x")
+    y = _array_labels(y, len(x), "y")
+    classes = int(max(y.max(), (np.max(y_test) if y_test is not None and len(y_test) else 0)) + 1)
+    if class_names is None:
+        class_names = tuple(str(i) for i in range(classes))
+    if (x_test is None) != (y_test is None):
+        raise DataError("got one of x_test and y_test: expected both or neither")
+    if x_test is None:
+        is_test = _stratified_holdout(y, _FOLDER_TEST_FRACTION, _FOLDER_TEST_SEED)
+        if not is_test.any():
+            raise DataError(f"too few examples ({len(y)}) to hold out a test split: expected "
+                            "at least 2 per class, or x_test and y_test")
+        x, y, x_test, y_test = x[~is_test], y[~is_test], x[is_test], y[is_test]
+    else:
+        x_test = _array_images(x_test, "x_test")
+        y_test = _array_labels(y_test, len(x_test), "y_test")
+    raw = _Raw(x, y, x_test, y_test, tuple(str(c) for c in class_names),
+               source=f"{len(y) + len(y_test)} images in memory")
+    _check_arrays(name, raw)
+    train_x, train_y, val_x, val_y = _split_train(name, raw.train_x, raw.train_y, val_size,
+                                                  None, seed)
+    mean, std = _channel_stats(train_x)
+    info = DatasetInfo(name=name, image_shape=tuple(int(d) for d in train_x.shape[1:]),
+                       num_classes=len(raw.class_names), class_names=raw.class_names,
+                       mean=mean, std=std, augment="crop_flip", source=raw.source)
+    return Splits(train=(train_x, train_y), val=(val_x, val_y), test=(raw.test_x, raw.test_y),
+                  info=info)
+
+
+def _array_images(x, what):
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or not x.size:
+        raise DataError(f"{what} has shape {x.shape}: expected images [N, H, W] or [N, H, W, C]")
+    if x.dtype != np.uint8:
+        if not np.issubdtype(x.dtype, np.number) or x.min() < 0 or x.max() > 255:
+            raise DataError(f"{what} is {x.dtype} in [{x.min()}, {x.max()}]: expected pixels "
+                            "0..255 (uint8, or numbers in that range)")
+        x = np.round(x).astype(np.uint8)
+    return x
+
+
+def _array_labels(y, n, what):
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer) or \
+            (len(y) and y.min() < 0):
+        raise DataError(f"{what} has shape {y.shape} and dtype {y.dtype}: expected {n} integer "
+                        "labels >= 0, one per image")
+    return y.astype(np.int64)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Raw:
     train_x: np.ndarray
@@ -680,8 +742,8 @@ def make_dataset(images, labels, *, batch_size: int, training: bool, augment: st
                  seed: int | None = None, drop_remainder: bool = False) -> tf.data.Dataset:
     """Builds a batched tf.data pipeline of (float32 0..255 images, int64 labels).
 
-    With training=True the examples are shuffled every epoch and augmented; a given seed
-    reproduces both the epoch orders and the augmentations.  With training=False the
+    With training=True the examples are shuffled and augmented; a given seed
+    reproduces both the order and the augmentations (make one dataset per epoch).  With training=False the
     order is kept and no augmentation is applied.
     """
     if augment not in AUGMENT_POLICIES:
@@ -699,9 +761,13 @@ def make_dataset(images, labels, *, batch_size: int, training: bool, augment: st
         raise DataError(f"labels have shape {labels.shape} for {len(images)} images: "
                         "expected one label per image")
 
-    ds = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int64)))
     if training and len(images) > 1:
-        ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+        # One seeded permutation (the engine makes a dataset per epoch, seeded by it):
+        # a tf.data shuffle buffer of the whole split took 1-2 s per epoch to fill
+        # before its first batch.
+        perm = np.random.default_rng(seed).permutation(len(images))
+        images, labels = images[perm], labels[perm]
+    ds = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int64)))
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
 
     if training and augment != "none":

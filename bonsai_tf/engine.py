@@ -87,10 +87,8 @@ class Run:
         self.budgeted = config.time_budget_minutes > 0
         self.total_epochs = config.epochs
         self.search_epochs = config.resolved_search_epochs
-        spatial_cap = genotype_lib.max_patterns(
-            config.patterns, -(-min(self.input_shape[:2]) // config.stem_stride),
-            config.reduction_target)
-        self.max_patterns = min(config.max_patterns or spatial_cap, spatial_cap)
+        from bonsai_tf import config as config_lib
+        self.max_patterns = config_lib.pattern_cap(config, self.input_shape)
         self.strategy = strategies.get(config.strategy)(config, strategies.RunInfo(
             input_shape=self.input_shape, num_classes=self.num_classes,
             max_patterns=self.max_patterns, search_epochs=self.search_epochs))
@@ -121,8 +119,9 @@ class Run:
         cfg, st = self.cfg, self.state
         g = _in_space_order(genotype_lib.Genotype.from_dict(st.genotype))
         arch = self.strategy.arch if st.phase == "search" else "none"
-        self.net = network_lib.Network(g, self.mean, self.std, with_pruners=arch == "saw",
-                                       drop_path=cfg.drop_path, seed=cfg.seed)
+        self.net = network_lib.Network(g, self.mean, self.std, with_pruners=arch != "none",
+                                       drop_path=cfg.drop_path, seed=cfg.seed,
+                                       mixing=arch if arch != "none" else "saw")
         self.opt = optim.MomentumSGD(cfg.momentum, cfg.weight_decay)
         self.arch_opt = optim.Adam(cfg.arch_lr) if self.strategy.bilevel else None
         self._compile()
@@ -260,7 +259,9 @@ class Run:
             logs = self._train_epoch(ds, st.epoch)
             # Validate the network that was trained this epoch, before any structural
             # change: a grown network's new head has not been trained yet.
+            val_started = time.time()
             val = self.evaluate(*self.splits.val) if len(self.splits.val[1]) else {}
+            self._val_seconds = time.time() - val_started
             phase = st.phase
             if phase == "search":
                 events += self._apply(self.strategy.after_epoch(st.epoch + 1, self.net),
@@ -273,8 +274,11 @@ class Run:
                 st.search_seconds += elapsed
                 if self._search_over():
                     events.append(self._to_final("search finished"))
-            if self.budgeted and st.phase == phase:
-                self._replan(phase, elapsed)
+            if self.budgeted:
+                self.plan.epoch_done(phase, elapsed, logs["steps"], logs["step_seconds"],
+                                     logs["first_step_seconds"])
+                if st.phase == phase:
+                    self._replan(phase)
             # The record carries the phase the run is in after the epoch (a last search
             # epoch reads "final"), as metrics.jsonl always has.
             record = self._record(logs, val, elapsed, events, st.phase)
@@ -345,7 +349,7 @@ class Run:
         val_batches = self._val_batches(epoch) if arch_on else None
         plan = self.plan.phases.get(st.phase) if self.budgeted else None
         limit = plan.steps_per_epoch if plan is not None else None
-        probe_from = None
+        probe_from, epoch_started, step_times = None, time.time(), []
         total = {"loss": 0.0, "ce": 0.0, "compression_loss": 0.0, "correct": 0.0}
         seen = steps = 0
         bar = keras.utils.Progbar(limit or self._steps_per_epoch(), stateful_metrics=["loss", "acc"],
@@ -355,6 +359,7 @@ class Run:
                 break
             if self.budgeted:
                 self._set_step_lrs(steps)
+            step_started = time.time()
             if self._measure_next and steps == 1:
                 # The second step: the first one traced the graph.
                 out = {}
@@ -375,6 +380,7 @@ class Run:
                     f"{self.run_dir} is kept")
             for k in total:
                 total[k] += float(out[k]) * (1 if k == "correct" else int(yb.shape[0]))
+            step_times.append(time.time() - step_started)
             seen += int(yb.shape[0])
             steps += 1
             if steps == 2:
@@ -390,10 +396,19 @@ class Run:
                         bar.target = limit
             if bar is not None:
                 bar.update(steps, [("loss", total["loss"] / seen), ("acc", total["correct"] / seen)])
+        if self.budgeted and plan is None and steps:
+            # An epoch shorter than the probe: plan from the steps it had (after the
+            # traced first one where there were others).
+            timed = (time.time() - probe_from) / (steps - 1) if steps > 1 else None
+            self._plan_phase(timed or (time.time() - epoch_started) / steps)
         seen = max(seen, 1)
         return {"train_loss": total["loss"] / seen, "train_ce": total["ce"] / seen,
                 "compression_loss": total["compression_loss"] / seen,
-                "train_accuracy": total["correct"] / seen, "steps": steps}
+                "train_accuracy": total["correct"] / seen, "steps": steps,
+                # The first step traces after every (re)build; the rest show the rate.
+                "first_step_seconds": step_times[0] if step_times else 0.0,
+                "step_seconds": float(np.median(step_times[1:])) if len(step_times) > 1
+                else (step_times[0] if step_times else 0.0)}
 
     def _steps_per_epoch(self):
         cfg, st = self.cfg, self.state
@@ -450,6 +465,10 @@ class Run:
 
     def _plan_phase(self, step_seconds):
         st = self.state
+        n_val, n_test = len(self.splits.val[1]), len(self.splits.test[1])
+        if st.phase == "final" and getattr(self, "_val_seconds", None) and n_val:
+            if self.plan.reserve_for_finish(st.epoch, self._val_seconds / n_val, n_test, n_val):
+                log.info("plan: %s", self.plan.log[-1]["why"])
         seconds = self.plan.phase_seconds(st.phase, self._elapsed())
         if st.phase == "search":
             seconds = max(0.0, seconds - st.search_seconds)
@@ -460,13 +479,13 @@ class Run:
         self._write_plan()
         return plan
 
-    def _replan(self, phase, epoch_seconds):
+    def _replan(self, phase):
         st = self.state
         if phase == "search":
             left = self.plan.phase_seconds("search", 0) - st.search_seconds
         else:
             left = self.plan.phase_seconds("final", self._elapsed())
-        if self.plan.replan(phase, st.phase_epochs, left, epoch_seconds):
+        if self.plan.replan(phase, st.phase_epochs, left):
             log.info("plan: %s -> %d epochs", self.plan.log[-1]["why"],
                      self.plan.phases[phase].epochs)
             self._write_plan()
@@ -510,9 +529,7 @@ class Run:
              "lr": float(self.opt.lrs["0"].numpy()) if "0" in self.opt.lrs else None,
              "seconds": st.seconds, "epoch_seconds": elapsed, "events": events}
         r.update(self.strategy.record(self.net))
-        r.update({k: v for k, v in logs.items() if k != "steps"})
-        if self.budgeted:
-            r["steps"] = logs["steps"]
+        r.update(logs)
         with self._writer.as_default(step=st.epoch):
             for k, v in r.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
@@ -608,6 +625,9 @@ class Run:
                    "flops": memory_lib.estimate(g, 1)["flops"]}
         metrics.update({k: v for k, v in self.strategy.record(self.net).items()
                         if k == "compression"})
+        metrics["examples"] = {k: int(len(getattr(self.splits, k)[1]))
+                               for k in ("train", "val", "test")}
+        metrics["wall_seconds"] = self._elapsed()  # the whole command so far, every process
         if self.budgeted:
             metrics["time_budget_seconds"] = self.plan.budget_seconds
             metrics["planned_epochs"] = {k: p.epochs for k, p in self.plan.phases.items()}

@@ -477,40 +477,88 @@ def _strongest_path(cell):
 
 
 # ---- the random baseline ----------------------------------------------------
-def random_like(found, op_cost, seed=0):
+RANDOM_TOLERANCE = 0.05   # a random cell's operation memory within 5% of the found cell's
+RANDOM_TRIES = 4000
+
+
+class BaselineError(GenotypeError):
+    """No random cell matches the found one within the tolerance."""
+
+
+def random_like(found, op_cost, seed=0, tolerance=RANDOM_TOLERANCE):
     """A random network matching `found` cell for cell (BONSAINET.md section 6).
 
-    Each edge keeps, at random, operations until it holds about the same fraction of
-    its operation memory as the found edge (`op_cost(cell_index, src, op)` gives the
-    memory of one operation); each cell keeps as many inputs as the found one.
+    Every cell keeps the found cell's kind, channels and number of inputs; which
+    inputs, which edges and which operations survive are drawn at random (nothing
+    is copied), such that the cell's surviving operation memory, summed with
+    `op_cost(cell index, src, op)` (the run's memory model at its batch size), is
+    within `tolerance` of the found cell's. Draws are repeated until one matches;
+    `BaselineError` if none does in RANDOM_TRIES.
     """
     rng = random.Random(seed)
     ops = space_lib.space_ops(found.space)
     cells = []
     for c, cell in enumerate(found.cells):
-        full = full_cell(cell.kind, cell.channels, cell.nodes, ops, num_earlier=c + 1, aux=cell.aux)
-        edges = []
-        for e in full.edges:
-            twin = cell.edge(e.src, e.dst)
-            total = sum(op_cost(c, e.src, o) for o in ops)
-            target = sum(op_cost(c, e.src, o) for o in twin.op_names()) if twin else 0.0
-            chosen, have = [], 0.0
-            for o in rng.sample(ops, len(ops)):
-                if have >= target - 1e-9 * total:
-                    break
-                chosen.append(o)
-                have += op_cost(c, e.src, o)
-            edges.append(Edge(e.src, e.dst, tuple((o, 0.1) for o in sorted(chosen, key=ops.index))))
-        k = max(1, len(cell.inputs))
-        inputs = tuple((j, 0.1) for j in sorted(rng.sample(range(c + 1), min(k, c + 1))))
-        cand = dataclasses.replace(full, edges=tuple(edges), inputs=inputs)
-        if not _reaches_output(cand):
-            # Keep the cell usable: give the output node a cheap path from x.
-            extra = Edge("x", cell.nodes - 1, (("identity" if "identity" in ops else ops[0], 0.1),))
-            cand = dataclasses.replace(cand, edges=tuple(
-                extra if (e.src, e.dst) == ("x", cell.nodes - 1) and not e.ops else e
-                for e in cand.edges))
-            if not _reaches_output(cand):
-                cand = dataclasses.replace(cand, edges=cand.edges + (extra,))
-        cells.append(_prune_cell(cand))
+        target = sum(op_cost(c, e.src, o) for e in cell.edges for o in e.op_names())
+        n_inputs = len(cell.inputs) if any(e.src == "y" for e in cell.edges) else 0
+        best = None
+        for _ in range(RANDOM_TRIES):
+            cand = _random_cell(cell, c, ops, n_inputs, target, tolerance, op_cost, rng)
+            if cand is None:
+                continue
+            have = sum(op_cost(c, e.src, o) for e in cand.edges for o in e.op_names())
+            err = abs(have - target) / target if target else float(have > 0)
+            if best is None or err < best[0]:
+                best = (err, cand)
+            if err <= tolerance:
+                break
+        if best is None or best[0] > tolerance:
+            raise BaselineError(
+                f"cell {c}: no random cell of {cell.nodes} nodes with {n_inputs} inputs keeps "
+                f"{target:.0f} bytes of operations within {tolerance:.0%} after {RANDOM_TRIES} "
+                f"draws (closest: {'none' if best is None else f'{best[0]:.1%} off'}); expected "
+                f"a found cell that such a draw can match")
+        cells.append(best[1])
     return dataclasses.replace(found, cells=tuple(cells)).validate()
+
+
+def _random_cell(cell, c, ops, n_inputs, target, tolerance, op_cost, rng):
+    """One random draw; None where it cannot be completed.
+
+    First a random chain of nodes from an input to the output node, a random
+    operation on each of its edges; then random operations on random edges among
+    the chain's nodes (from an input or an earlier chain node to a later one) while
+    they fit the memory target. Every operation drawn so stays alive: none is lost
+    to dead-node removal.
+    """
+    srcs = ("x", "y") if n_inputs else ("x",)
+    inner = sorted(rng.sample(range(cell.nodes - 1), rng.randint(0, cell.nodes - 1)))
+    nodes = inner + [cell.nodes - 1]
+    chain = [rng.choice(srcs)] + nodes
+    chosen = {}
+    have = 0.0
+    for src, dst in zip(chain, chain[1:]):
+        op = rng.choice(ops)
+        chosen.setdefault((src, dst), set()).add(op)
+        have += op_cost(c, src, op)
+    alive = set(nodes)
+    pool = [(src, dst, op) for src, dst in edge_keys(cell.nodes) for op in ops
+            if dst in alive and (src in srcs or src in alive)
+            and op not in chosen.get((src, dst), ())]
+    rng.shuffle(pool)
+    for src, dst, op in pool:
+        if have >= target * (1 - tolerance):
+            break
+        if have + op_cost(c, src, op) <= target * (1 + tolerance):
+            chosen.setdefault((src, dst), set()).add(op)
+            have += op_cost(c, src, op)
+    uses_y = any(src == "y" for src, _ in chosen)
+    if bool(n_inputs) != uses_y:
+        return None  # the found cell has inputs iff it has an edge from y
+    inputs = tuple((j, 0.1) for j in sorted(rng.sample(range(c + 1), min(n_inputs, c + 1))))
+    edges = tuple(Edge(src, dst, tuple((o, 0.1) for o in ops if o in chosen.get((src, dst), ())))
+                  for src, dst in edge_keys(cell.nodes))
+    cand = _prune_cell(dataclasses.replace(cell, edges=edges, inputs=inputs))
+    if not _reaches_output(cand) or len(cand.inputs) != n_inputs:
+        return None
+    return cand

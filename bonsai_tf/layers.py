@@ -42,10 +42,21 @@ def saw_gate_value(w):
     return step + (w - K.stop_gradient(w))
 
 
-def gate_values(pruners):
-    """g(w) of several pruners, computed once on their stacked weights (fewer graph ops)."""
+MIXINGS = ("saw", "softmax")
+
+
+def gate_values(pruners, mixing="saw", temperature=None):
+    """The gains of an edge's operations, computed once on their stacked weights.
+
+    "saw": g(w) of each pruner (BonsaiNet); "softmax": softmax(w / temperature) over
+    the edge's operations (ASAP). One vector computation instead of a few graph ops
+    per operation.
+    """
     tf = _tf()
-    return tf.unstack(saw_gate_value(tf.stack([p.w.value for p in pruners])))
+    w = tf.stack([p.w.value for p in pruners])
+    if mixing == "softmax":
+        return tf.unstack(tf.nn.softmax(w / temperature))
+    return tf.unstack(saw_gate_value(w))
 
 
 def _tf():
@@ -247,7 +258,9 @@ class Operation(keras.layers.Layer):
         # The first spatial step carries the operation's stride.
         spatial = [i for i, step in enumerate(self.recipe) if step[0] in space_lib.SPATIAL_STEPS]
         self.strided_step = spatial[0] if spatial and stride > 1 else None
-        self.starts_with_relu = self.recipe[0] == ("relu",)
+        # Subsampled first (no spatial step to take the stride), an operation cannot use
+        # the ReLU its edge computes at full size.
+        self.starts_with_relu = self.recipe[0] == ("relu",) and not (stride > 1 and not spatial)
         self.ends_with_bn = self.recipe[-1] == ("bn",)
 
     def build(self, input_shape=None):
@@ -278,6 +291,9 @@ class Operation(keras.layers.Layer):
         start = 0
         if relu_x is not None and self.starts_with_relu:
             x, start = relu_x, 1
+        if self.stride > 1 and self.strided_step is None:
+            # A recipe without a spatial step (conv_1x1) takes its stride up front.
+            x = subsample(x, self.stride)
         last = len(self.recipe) - 1
         for i in range(start, len(self.recipe)):
             step = self.recipe[i]
@@ -353,7 +369,14 @@ class DropPath(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(PACKAGE)
 class ReLUConvBN(keras.layers.Layer):
-    """ReLU, 1x1 convolution (optionally strided), batch norm: adapts a cell input."""
+    """ReLU, 1x1 convolution (optionally strided), batch norm: adapts a cell input.
+
+    A stride is taken by subsampling before a stride-1 convolution, which computes
+    the same thing: TensorFlow 2.21's oneDNN kernel for a strided 1x1 convolution
+    corrupts the heap ("munmap_chunk(): invalid pointer") when it runs on one
+    intra-op thread, as it does on machines of up to 4 cores here (machine.py);
+    found by tests/test_property.py, reproduced with a bare tf.nn.conv2d.
+    """
 
     def __init__(self, channels, stride=1, **kwargs):
         super().__init__(**kwargs)
@@ -370,8 +393,8 @@ class ReLUConvBN(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         tf = _tf()
-        x = tf.nn.conv2d(tf.nn.relu(inputs), self.kernel.value, self.stride, "VALID")
-        return self.bn.apply(x, training)
+        x = subsample(tf.nn.relu(inputs), self.stride)
+        return self.bn.apply(tf.nn.conv2d(x, self.kernel.value, 1, "VALID"), training)
 
     def compute_output_shape(self, shape):
         s = self.stride
@@ -447,10 +470,17 @@ class Edge(keras.layers.Layer):
     """Sum over the surviving operations of one edge, each behind its own pruner."""
 
     def __init__(self, ops, channels, stride=1, init_weights=None, with_pruners=True,
-                 drop_path=0.0, seed=None, reuse=None, **kwargs):
+                 drop_path=0.0, seed=None, reuse=None, mixing="saw", temperature=None, **kwargs):
         super().__init__(**kwargs)
         if not ops:
             raise ValueError("an edge needs at least one operation, got none")
+        if mixing not in MIXINGS:
+            raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
+        if mixing == "softmax" and with_pruners and temperature is None:
+            raise ValueError("softmax mixing needs a temperature variable, got None")
+        # What the per-operation parameters mean: saw gates, or softmax logits
+        # (an architecture weight each, mixed by softmax(w / temperature)).
+        self.mixing, self.temperature = mixing, temperature
         init_weights = list(init_weights) if init_weights is not None else [0.1] * len(ops)
         if len(init_weights) != len(ops):
             raise ValueError(f"got {len(init_weights)} init_weights for {len(ops)} operations")
@@ -489,7 +519,8 @@ class Edge(keras.layers.Layer):
         """The gated (and drop-path-masked) output of every operation, to be summed."""
         tf = _tf()
         relu_x = tf.nn.relu(x) if sum(op.starts_with_relu for op in self.operations) > 1 else None
-        gains = gate_values(self.pruners) if self.with_pruners else [None] * len(self.operations)
+        gains = (gate_values(self.pruners, self.mixing, self.temperature) if self.with_pruners
+                 else [None] * len(self.operations))
         out = []
         for op, gain, drop in zip(self.operations, gains, self.drops):
             y, folded = op.run(x, training, relu_x, gain)
@@ -510,7 +541,8 @@ class Edge(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "ops": self.op_names, "channels": self.channels,
                 "stride": self.stride, "init_weights": self.init_weights,
-                "with_pruners": self.with_pruners, "drop_path": self.drop_path, "seed": self.seed}
+                "with_pruners": self.with_pruners, "drop_path": self.drop_path, "seed": self.seed,
+                "mixing": self.mixing}
 
 
 @keras.saving.register_keras_serializable(PACKAGE)
@@ -522,7 +554,8 @@ class BonsaiCell(keras.layers.Layer):
     x's resolution and this cell's channels.
     """
 
-    def __init__(self, cell, with_pruners=True, drop_path=0.0, seed=None, reuse=None, **kwargs):
+    def __init__(self, cell, with_pruners=True, drop_path=0.0, seed=None, reuse=None, mixing="saw",
+                 temperature=None, **kwargs):
         super().__init__(**kwargs)
         if isinstance(cell, dict):
             cell = _cell_from_config(cell)
@@ -530,6 +563,7 @@ class BonsaiCell(keras.layers.Layer):
             raise ValueError(f"cell must be a genotype.Cell or its dict, got {type(cell).__name__}")
         self.cell = cell
         self.with_pruners, self.drop_path, self.seed = with_pruners, float(drop_path), seed
+        self.mixing = mixing
         stride = 2 if cell.reduction else 1
         old_edges = reuse.edges if reuse is not None else {}
         self.edges = {}
@@ -539,7 +573,8 @@ class BonsaiCell(keras.layers.Layer):
             self.edges[key] = Edge(
                 [n for n, _ in e.ops], cell.channels, s, [w for _, w in e.ops],
                 with_pruners=with_pruners, drop_path=drop_path,
-                seed=None if seed is None else seed + 100 * i, reuse=old_edges.get(key), name=key)
+                seed=None if seed is None else seed + 100 * i, reuse=old_edges.get(key), name=key,
+                mixing=mixing, temperature=temperature)
         used_nodes = sorted({e.dst for e in cell.edges})
         old_bn = reuse.node_bn if reuse is not None else {}
         self.node_bn = {str(n): old_bn.get(str(n)) or batch_norm(f"node{n}") for n in used_nodes}
@@ -547,7 +582,10 @@ class BonsaiCell(keras.layers.Layer):
         self.input_ids = [j for j, _ in cell.inputs] if any(e.src == "y" for e in cell.edges) else []
         self.x_adapt = reuse.x_adapt if reuse is not None else None
         self.y_adapt = dict(reuse.y_adapt) if reuse is not None else {}
-        self.y_gates = dict(reuse.y_gates) if reuse is not None and with_pruners else {}
+        # Cell inputs are gated by saw-gate pruners only (BonsaiNet); with softmax mixing
+        # (ASAP) every earlier output is summed into y, as the cell was built.
+        self.gated_inputs = with_pruners and mixing == "saw"
+        self.y_gates = dict(reuse.y_gates) if reuse is not None and self.gated_inputs else {}
         self._init_gate = dict(cell.inputs)
 
     def build(self, input_shapes):
@@ -569,7 +607,7 @@ class BonsaiCell(keras.layers.Layer):
                     self.y_adapt[str(j)].build(shape)
                 elif ratio > 1:
                     self.y_adapt[str(j)] = Subsample(ratio, name=f"y_sub{j}")
-            if self.with_pruners and str(j) not in self.y_gates:
+            if self.gated_inputs and str(j) not in self.y_gates:
                 self.y_gates[str(j)] = SawGate(self._init_gate[j], name=f"in_g{j}")
         # Everything builds here, in this cell's name scope, from the shapes the
         # genotype implies: no variable is made later, inside a traced step.
@@ -639,7 +677,8 @@ class BonsaiCell(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "cell": _cell_to_config(self.cell),
-                "with_pruners": self.with_pruners, "drop_path": self.drop_path, "seed": self.seed}
+                "with_pruners": self.with_pruners, "drop_path": self.drop_path, "seed": self.seed,
+                "mixing": self.mixing}
 
 
 def _cell_to_config(cell):

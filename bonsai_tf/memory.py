@@ -55,6 +55,8 @@ def op_cost(op, h, w, c, stride):
     extra = 0
     kept = set()
     steps = space_lib.recipe(op)
+    if s > 1 and not any(step[0] in space_lib.SPATIAL_STEPS for step in steps):
+        h, w, s = _ceil_div(h, s), _ceil_div(w, s), 1  # subsampled up front (layers.Operation)
     for i, step in enumerate(steps):
         kind = step[0]
         if kind in space_lib.SPATIAL_STEPS:

@@ -55,11 +55,17 @@ class Network:
       drop_path: drop-path rate of non-identity operations while training.
       aux_heads: build auxiliary heads (training only; exported models have none).
       seed: seeds drop-path; None for nondeterministic.
+      mixing: what the per-operation parameters of a search network are: "saw" gates
+        (BonsaiNet, with input gates too) or "softmax" logits (ASAP).
     """
 
     def __init__(self, genotype, mean=(0.0,), std=(1.0,), with_pruners=True, drop_path=0.0,
-                 aux_heads=True, seed=None):
+                 aux_heads=True, seed=None, mixing="saw"):
         genotype.validate()
+        self.mixing = mixing
+        # The softmax temperature of `mixing="softmax"` (ASAP), read by every edge; set
+        # between epochs by the strategy. Not a model weight: it follows from the epoch.
+        self.temperature = _tf_variable(1.0, "temperature") if mixing == "softmax" else None
         self.genotype = genotype
         self.mean, self.std = tuple(mean), tuple(std)
         if len(self.mean) != genotype.input_shape[-1]:
@@ -87,7 +93,8 @@ class Network:
             else:
                 cells.append(L.BonsaiCell(spec, with_pruners=self.with_pruners,
                                           drop_path=self.drop_path, seed=self._cell_seed(c),
-                                          reuse=prev, name=f"cell{c}"))
+                                          reuse=prev, name=f"cell{c}", mixing=self.mixing,
+                                          temperature=self.temperature))
         self.cells = cells
         self.genotype = genotype
         wanted = [len(cells) - 1] + (genotype_lib.head_cells(genotype) if self.aux_heads else [])
@@ -157,6 +164,7 @@ class Network:
             raise ValueError(f"genotype has {len(g.cells)} cells, this network {len(self.cells)}")
         net = Network.__new__(Network)
         net.genotype, net.mean, net.std = g, self.mean, self.std
+        net.mixing, net.temperature = "saw", None
         net.with_pruners, net.drop_path, net.aux_heads, net.seed = False, drop_path, aux_heads, self.seed
         net.normalize, net.stem = self.normalize, self.stem
         net.cells = [L.BonsaiCell(spec, with_pruners=False, drop_path=drop_path,
@@ -179,6 +187,11 @@ class Network:
             return g
         return dataclasses.replace(g, cells=tuple(genotype_lib.open_part(c) for c in g.cells))
 
+    def set_temperature(self, value):
+        if self.temperature is None:
+            raise ValueError(f"a network with mixing={self.mixing!r} has no temperature")
+        self.temperature.assign(float(value))
+
     def reseed(self, epoch):
         """Puts every drop-path generator in a state fixed by (seed, epoch).
 
@@ -196,6 +209,11 @@ class Network:
 
     def count_params(self):
         return int(sum(int(v.numpy().size) for v in self.model.trainable_weights))
+
+
+def _tf_variable(value, name):
+    import tensorflow as tf
+    return tf.Variable(value, trainable=False, name=name, dtype="float32")
 
 
 # ---- the deployable model: plain Keras layers ------------------------------------
@@ -234,10 +252,17 @@ def deployable(net):
     def sub(x, stride, n):
         return x if stride == 1 else layers_.AveragePooling2D(1, stride, "same", name=name(n))(x)
 
+    def adapt(x, a, n):
+        # As layers.ReLUConvBN: the stride is a subsampling before a stride-1 1x1 conv.
+        x = sub(layers_.ReLU(name=name(n + "_relu"))(x), a.stride, n + "_sub")
+        return bn(conv(x, a.kernel, 1, "valid", n + "_conv"), a.bn, n + "_bn")
+
     def add(terms, n):
         return terms[0] if len(terms) == 1 else layers_.Add(name=name(n))(terms)
 
     def operation(x, op, n):
+        if op.stride > 1 and op.strided_step is None:
+            x = sub(x, op.stride, n + "_sub")  # as layers.Operation: a recipe without a spatial step
         for i, step in enumerate(op.recipe):
             kind, p = step[0], f"{n}_{step[0]}{i}"
             s = op.stride if i == op.strided_step else 1
@@ -278,17 +303,14 @@ def deployable(net):
         if cell.has_x:
             x = outs[-1]
             if cell.x_adapt is not None:
-                a = cell.x_adapt
-                x = bn(conv(layers_.ReLU(name=name(p + "_x_relu"))(x), a.kernel, a.stride, "valid",
-                            p + "_x_conv"), a.bn, p + "_x_bn")
+                x = adapt(x, cell.x_adapt, p + "_x")
             values["x"] = x
         if cell.input_ids:
             ys = []
             for j in cell.input_ids:
                 t, a = outs[j], cell.y_adapt.get(str(j))
                 if isinstance(a, L.ReLUConvBN):
-                    t = bn(conv(layers_.ReLU(name=name(f"{p}_y{j}_relu"))(t), a.kernel, a.stride,
-                                "valid", f"{p}_y{j}_conv"), a.bn, f"{p}_y{j}_bn")
+                    t = adapt(t, a, f"{p}_y{j}")
                 elif a is not None:
                     t = sub(t, a.stride, f"{p}_y{j}_sub")
                 ys.append(t)

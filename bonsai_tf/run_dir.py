@@ -29,6 +29,28 @@ def fault_point(name):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+# Every name a run writes in its directory (what --overwrite may remove).
+RUN_FILES = ("config.json", "dataset.json", "genotype.json", "metrics.jsonl", "metrics.json",
+             "checkpoint", "checkpoint.old", "checkpoint.new", "tensorboard", "model.keras",
+             "report.md", "saved_model", "model.tflite", "model_int8.tflite", "export.json",
+             "log.txt", "plan.json", "accuracy.png", "compression.png", "params.png",
+             "memory.png", "alphas.png")
+
+
+def remove_run_files(run_dir):
+    """Removes what a run wrote in `run_dir` (RUN_FILES, cell drawings), nothing else."""
+    import shutil
+    if not os.path.isdir(run_dir):
+        return
+    for name in os.listdir(run_dir):
+        path = os.path.join(run_dir, name)
+        if name in RUN_FILES or (name.startswith("cell_") and name.endswith(".png")):
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+
+
 class RunDirError(RuntimeError):
     """The run directory cannot be used (unwritable, full, corrupt or foreign)."""
 

@@ -145,6 +145,14 @@ FLAG_CASES = [
     (["--prune_interval=0"], ["prune_interval = 0", ">= 1"]),
     (["--cycle_len=0"], ["cycle_len = 0", ">= 1"]),
     (["--memory_budget_mb=-1"], ["memory_budget_mb = -1.0", ">= 0"]),
+    (["--arch_lr=0"], ["arch_lr = 0.0", "> 0"]),
+    (["--asap_tau0=0"], ["asap_tau0 = 0.0", "> 0"]),
+    (["--asap_beta=1.5"], ["asap_beta = 1.5", "in (0, 1]"]),
+    (["--asap_threshold=1"], ["asap_threshold = 1.0", "in [0, 1)"]),
+    (["--time_budget_minutes=-5"], ["time_budget_minutes = -5.0", ">= 0"]),
+    (["--search_fraction=1"], ["search_fraction = 1.0", "in (0, 1)"]),
+    (["--strategy=asap", "--val_size=0"], ["val_size = 0", "with strategy=asap"]),
+    (["--threads=two"], ["--threads='two'", "auto or INTER,INTRA"]),
     (["--val_size=-1"], ["val_size = -1", ">= 0"]),
     (["--val_size=1.5"], ["val_size = 1.5", "a fraction in (0, 1)"]),
     (["--val_size=-0.1"], ["val_size = -0.1", "a count >= 0"]),
@@ -170,7 +178,7 @@ FLAG_CASES = [
     (["--verbose=3"], ["--verbose=3", "0, 1 or 2"]),
     (["--memory_budget_mb=lots"], ["--memory_budget_mb=lots", "a number"]),
     (["--deterministic=maybe"], ["--deterministic=maybe", "true or false"]),
-    (["--strategy=greedy"], ["--strategy=greedy", "bonsai|random|fixed"]),
+    (["--strategy=greedy"], ["--strategy=greedy", "bonsai|asap|random|fixed"]),
     # not flags of ours
     (["--scael=3"], ["scael", "Did you mean: scale"]),
     (["extra"], ["unexpected arguments ['extra']", "only --flags"]),
@@ -369,7 +377,7 @@ CHECKPOINT_CASES = {
     "state.json with an unknown field": (_edit_state(bogus=1), [
         "malformed state.json", "bogus"]),
     "state.json of another version": (_edit_state(version=99), [
-        "checkpoint state version 99", "expected 1"]),
+        "checkpoint state version 99", "expected 2"]),
 }
 
 

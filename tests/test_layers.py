@@ -42,7 +42,7 @@ def test_saw_gate_records_and_config_round_trip():
         L.SawGate("big")
 
 
-@pytest.mark.parametrize("op", space_lib.SPACES["bonsai7"] + ("zero", "conv_3x3"))
+@pytest.mark.parametrize("op", space_lib.SPACES["bonsai7"] + ("zero", "conv_3x3", "conv_1x1"))
 @pytest.mark.parametrize("stride", [1, 2])
 def test_operation_shapes_config_and_eager_vs_graph(op, stride):
     layer = L.Operation(op, 4, stride)

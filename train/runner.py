@@ -7,7 +7,6 @@ Flags live only here and in the entry scripts: they become a validated, frozen
 import errno
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -93,10 +92,6 @@ flags.DEFINE_bool("measure_memory", D.measure_memory, "Measure allocator peak me
 FLAGS = flags.FLAGS
 
 RUN_FLAGS = ("output_dir", "overwrite", "export", "verbose", "threads")
-OURS = ("config.json", "dataset.json", "genotype.json", "metrics.jsonl", "metrics.json",
-        "checkpoint", "checkpoint.old", "checkpoint.new", "tensorboard", "model.keras",
-        "report.md", "saved_model", "model.tflite", "model_int8.tflite", "export.json", "log.txt",
-        "plan.json")
 
 
 class UsageError(ValueError):
@@ -169,12 +164,8 @@ def prepare_run_dir(cfg, output_dir, overwrite, claim=True):
             return "finished" if os.path.exists(os.path.join(output_dir, "metrics.json")) else "resume"
         if not claim:
             return "new"
-        for name in OURS:
-            p = os.path.join(output_dir, name)
-            if os.path.isdir(p):
-                shutil.rmtree(p)
-            elif os.path.exists(p):
-                os.unlink(p)
+        from bonsai_tf import run_dir as rd
+        rd.remove_run_files(output_dir)
     elif os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
         raise UsageError(f"--output_dir={output_dir} exists and is not a bonsai-tf run directory; "
                          f"expected a new or empty directory (or pass --overwrite)")
@@ -283,6 +274,8 @@ def run(cfg, output_dir, overwrite=False, export=True, verbose=1, threads=None, 
                              f"examples (after --val_size={cfg.val_size}"
                              f"{f', --{flag}={subset}' if subset else ''}); expected at most {n}")
     _check_genotype_fits(cfg, splits.info)
+    if cfg.strategy in config_lib.SEARCHING:
+        config_lib.pattern_cap(cfg, splits.info.image_shape)  # images too small: refused now
     # Made and claimed only now: bad input leaves no directory behind, and bad data
     # leaves an existing one as it was, so the corrected command (say with
     # --image_size) is not refused as a different configuration.
@@ -325,7 +318,7 @@ def _main(argv, overrides, implied, strategies):
     try:
         rest = FLAGS(argv)[1:]
     except flags.Error as e:
-        raise UsageError(_flag_error(e)) from None
+        raise UsageError(flag_error(e)) from None
     if rest:
         raise UsageError(f"unexpected arguments {rest}; expected only --flags")
     if FLAGS.verbose not in (0, 1, 2):
@@ -361,13 +354,13 @@ def main(argv, overrides=None, implied=(), strategies=None):
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - re-raised unless it is one of ours
-        if not isinstance(e, _input_errors()):
+        if not isinstance(e, input_errors()):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def _input_errors():
+def input_errors():
     """Errors that mean bad input or an unusable run directory: one line, exit status 2.
 
     The classes of modules that import TensorFlow are taken only once those modules
@@ -387,7 +380,7 @@ def _input_errors():
 _EXPECTED_TYPE = {"int": "an integer", "float": "a number", "bool": "true or false"}
 
 
-def _flag_error(e):
+def flag_error(e):
     """absl's message (flag and value received) plus the type that was expected."""
     msg = str(e).splitlines()[0]
     if msg.startswith("flag --") and "=" in msg and "expected" not in msg.lower():

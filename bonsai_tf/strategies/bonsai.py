@@ -88,15 +88,29 @@ class BonsaiNet(base.Strategy):
         return target * (GROW_AIM_HIGH if target > AIM_SWITCH else GROW_AIM_LOW)
 
     def compression(self, net):
-        """Hard compression: memory of operations whose gate is open over all built."""
+        """Hard compression: memory of the operations still in the network over all built.
+
+        Operations leave only by deadheading (removed for good), so a gate that closes
+        and reopens between two end-of-epoch snapshots does not move it: growth is
+        triggered by what was really removed, as the method has it.
+        """
+        return self._compression_of(net.genotype)
+
+    def open_compression(self, net):
+        """Memory of the operations whose gate is open now, over all built."""
         return self._compression_of(net.current_genotype(), gated=net.with_pruners)
 
-    def _compression_of(self, g, gated=True):
+    def _compression_of(self, g, gated=False):
         costs = memory_lib.cell_op_bytes(g, self.cfg.batch_size)
         alive = sum(costs[c][(e.src, e.dst, op)] for c, cell in enumerate(g.cells)
                     for e in cell.edges for op, w in e.ops if w > 0 or not gated)
         built = sum(self.built_bytes.values())
         return alive / built if built else 1.0
+
+    def fits_budget(self, g):
+        """Whether `g` trains within the memory budget (the analytical model)."""
+        budget = self.cfg.memory_budget_mb
+        return budget <= 0 or memory_lib.estimate(g, self.cfg.batch_size)["mb"] <= budget
 
     def step_inputs(self, net):
         return {"aim": self.aim(net) or 1.0, "pressure": 2.0 ** self.cycles}
@@ -158,9 +172,17 @@ class BonsaiNet(base.Strategy):
                 change.genotype = g
                 change.events.append(msg)
         target = self.target(net)
-        comp = self._compression_of(g)
-        if target is not None and comp < target and self._patterns(net) < self.info.max_patterns:
+        grown = None
+        if target is not None and self._compression_of(g) < target \
+                and self._patterns(net) < self.info.max_patterns:
             grown = genotype_lib.grow(g, cfg.init_weight)
+            if not self.fits_budget(grown):
+                # e_c(n) plans with the expected memory of a random choice; the real
+                # survivors may cost more. The budget is a limit, not a plan.
+                change.events.append(f"growth postponed: {len(grown.cells)} cells would need "
+                                     f"{memory_lib.estimate(grown, cfg.batch_size)['mb']:.0f} MB")
+                grown = None
+        if grown is not None:
             p = genotype_lib.num_patterns(grown) - 1
             self._note_built(grown)
             # New cells draw their initial weights from a seed fixed by the epoch, so a
@@ -206,6 +228,7 @@ class BonsaiNet(base.Strategy):
     def record(self, net):
         search = net.with_pruners
         return {"compression": self.compression(net),
+                "open_compression": self.open_compression(net),
                 "target": self.target(net) if search else None,
                 "aim": self.aim(net) if search else None, "cycles": self.cycles}
 

@@ -29,6 +29,7 @@ class Random(Fixed):
 
     def initial_genotype(self):
         found = super().initial_genotype()
+        batch = self.cfg.batch_size
         return genotype_lib.random_like(
-            found, lambda c, src, op: memory_lib.edge_op_cost(found, c, src, op).bytes(1),
+            found, lambda c, src, op: memory_lib.edge_op_cost(found, c, src, op).bytes(batch),
             seed=self.cfg.seed)
