@@ -27,3 +27,28 @@ def tiny_splits():
                                 class_names=("a", "b", "c"), mean=(80.0,), std=(70.0,),
                                 augment="none")
     return data_lib.Splits(train=make(192), val=make(48), test=make(48), info=info)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _isolated_script_flags():
+    """Undo what loading an entry script in-process did to absl's global FLAGS.
+
+    Entry scripts (train/runner.py, bench/compare.py, export/export.py) define their flags on
+    import. Two of them define `--seed`, so a test module that loads one would make the next
+    module's load fail with DuplicateFlagError, depending only on test order. After each test
+    module, drop the flags defined since it started and forget the script modules, so the next
+    load defines them afresh.
+    """
+    from absl import flags
+    before_flags = set(flags.FLAGS)
+    before_modules = set(sys.modules)
+    yield
+    for name in set(flags.FLAGS) - before_flags:
+        delattr(flags.FLAGS, name)
+    # A script's main() parses argv only while FLAGS is unparsed (under app.run it is parsed).
+    flags.FLAGS.unparse_flags()
+    script_dirs = tuple(os.path.join(ROOT, d) + os.sep for d in ("train", "bench", "export"))
+    for name in set(sys.modules) - before_modules:
+        path = getattr(sys.modules[name], "__file__", None) or ""
+        if path.startswith(script_dirs) or name == "compare_script":
+            del sys.modules[name]

@@ -354,8 +354,9 @@ def test_cli_exports_a_run_from_its_config(exported, tmp_path, capsys):
                                              "val_size": 4, "seed": 0, "image_size": []})
     cli = _load_script("export_cli", os.path.join(REPO, "export", "export.py"))
     status = cli.main(["export.py", f"--run_dir={run}", "--representative_count=8"])
-    out = capsys.readouterr().out
-    assert status == 0, out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert status == 0, (out, captured.err)
     with open(run / "export.json") as f:
         result = json.load(f)
     assert result["test_examples"] == 6  # the folder loader holds out 20% per class
