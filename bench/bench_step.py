@@ -5,8 +5,9 @@
 
 Every configuration is the full, unpruned supernet (every operation on every edge,
 pruners and compression loss on), batch 64, one step = forward + backward + SGD.
-The reference point is the original PyTorch BonsaiNet at about 11 s per step on
-this 2-core machine (batch 64, 32x32x3, scale 16, 3 cells, all 7 operations).
+The reference point is the original PyTorch BonsaiNet (batch 64, 32x32x3, scale 16,
+3 cells, all 7 operations): 11 to 16.4 s per step on 2-core machines of this kind
+(../shared/BENCHMARKS.md). Compare on one machine: the output carries its calibration.
 """
 
 import json

@@ -121,6 +121,9 @@ class BonsaiNet(base.Strategy):
     def loss(self, net):
         """Memory-weighted gate compression plus input compression, per cell."""
         cfg = self.cfg
+        # The step is compiled before begin() on a fresh build: a genotype handed to
+        # Run.prepare (benchmarks) has cells not yet costed. setdefault keeps the rest.
+        self._note_built(net.genotype)
         costs = memory_lib.cell_op_bytes(net.genotype, cfg.batch_size)
         op_terms, in_terms = [], []
         for c, cell in enumerate(net.cells):

@@ -1,0 +1,26 @@
+"""The benchmark scripts still run against the library (they are not in the other tests' path).
+
+Tiny configurations only: the figures themselves are the benchmarks' business, not the tests'.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_step_times_a_tiny_supernet_and_writes_its_figures(tmp_path):
+    out = tmp_path / "step.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "bench_step.py"), "--scales=4",
+         "--shapes=8x8x1", "--patterns=1", "--nodes=1", "--space=small",
+         '--pattern_spec=[["n"],["r"]]', "--batch=4", "--steps=1", f"--out={out}"],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (row,) = result["results"]
+    assert row["cells"] == 1 and row["operations"] > 0 and row["seconds_per_step"] > 0
+    assert result["machine"]["usable_cpus"] >= 1
