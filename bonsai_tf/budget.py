@@ -23,6 +23,10 @@ in the checkpoint and in plan.json), so a resumed run keeps its plan.
 
 import dataclasses
 
+# A phase is cut into at least this many epochs (shorter than a pass over the data
+# where need be): the search makes its decisions between epochs and needs several,
+# and a supernet that grows gets slower, so its plan (made on the first, smallest
+# network) shrinks as it goes.
 MIN_EPOCHS = {"search": 6, "final": 4}
 PROBE_STEPS = 6            # steps timed (after the first, traced one) before planning
 RESERVE_FRACTION = 0.06    # of the budget, kept for the test evaluation, export, report

@@ -281,10 +281,13 @@ class Run:
                     self._replan(phase)
             # The record carries the phase the run is in after the epoch (a last search
             # epoch reads "final"), as metrics.jsonl always has.
+            logs["val_seconds"] = self._val_seconds
             record = self._record(logs, val, elapsed, events, st.phase)
             self.records.append(record)
             st.events = (st.events or []) + [f"epoch {st.epoch}: {e}" for e in events]
+            saving = time.time()
             self._save()
+            log.debug("checkpoint written in %.1f s", time.time() - saving)
         return self._finish()
 
     def _done(self):

@@ -253,6 +253,8 @@ def metric_figures(records, memory_budget_mb=None):
         [("parameters", _series(records, "params"), {"color": "#17becf"})],
         "Parameters", "parameters", formatter=EngFormatter())
 
+    if any(isinstance(r.get("mixing_weights"), dict) for r in records):
+        figures["alphas"] = _mixing_figure(records, epochs)
     budget = _number(memory_budget_mb)
     figures["memory"] = _curve_figure(
         records, epochs,
@@ -265,8 +267,49 @@ def metric_figures(records, memory_budget_mb=None):
     return figures
 
 
+def _mixing_figure(records, epochs):
+    """ASAP: each edge's strongest mixing weight (1 once one operation is left) and the
+    operations left, over epochs."""
+    fig = _new_figure((8.0, 5.6))
+    top = fig.add_subplot(2, 1, 1)
+    handles = _decorate(top, records, epochs)
+    edges = sorted({k for r in records if isinstance(r.get("mixing_weights"), dict)
+                    for k in r["mixing_weights"]})
+    for key in edges:
+        ys = []
+        for r in records:
+            w = (r.get("mixing_weights") or {}).get(key)
+            ys.append(max(w.values()) if isinstance(w, dict) and w else math.nan)
+        top.plot(epochs, ys, lw=1.0, alpha=0.7, marker="o", ms=2.5)
+    top.set_ylim(0.0, 1.05)
+    top.set_ylabel("strongest weight on an edge")
+    top.set_title(f"Mixing weights softmax(alpha / tau), {len(edges)} edges")
+    top.grid(True, alpha=0.3)
+    if handles:
+        top.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                   borderaxespad=0.0, frameon=False)
+    bottom = fig.add_subplot(2, 1, 2, sharex=top)
+    ops = _series(records, "operations")
+    bottom.plot(epochs, [math.nan if v is None else v for v in ops], color="#2ca02c",
+                marker="o", ms=3.5, label="operations left")
+    taus = _series(records, "tau")
+    if any(t is not None for t in taus):
+        twin = bottom.twinx()
+        twin.plot(epochs, [math.nan if v is None else v for v in taus], color="#d62728",
+                  ls="--", label="temperature tau")
+        twin.set_ylabel("tau")
+        twin.legend(fontsize=8, loc="upper right", frameon=False)
+    bottom.set_xlabel("epoch")
+    bottom.set_ylabel("operations")
+    bottom.grid(True, alpha=0.3)
+    bottom.legend(fontsize=8, loc="upper left", frameon=False)
+    fig.tight_layout()
+    return fig
+
+
 def plot_metrics(records, out_dir, memory_budget_mb=None):
-    """Writes accuracy.png, compression.png, params.png and memory.png into out_dir
+    """Writes accuracy.png, compression.png, params.png, memory.png (and, for runs that
+    record mixing weights, alphas.png) into out_dir
     from per-epoch records (the lines of metrics.jsonl); returns their paths.
 
     Every plot is written even without data, so a report's links never break.

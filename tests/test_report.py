@@ -173,6 +173,24 @@ def test_plot_metrics_writes_four_plots(tmp_path):
         _assert_png(p)
 
 
+def test_asap_records_add_the_mixing_weights_plot(tmp_path):
+    recs = _records()
+    for i, r in enumerate(recs[:3]):
+        r["tau"], r["operations"] = 1.6 * 0.75 ** i, 12 - 3 * i
+        r["mixing_weights"] = {"c0:x->0": {"identity": 0.2 + 0.3 * i, "sep_conv_3x3": 0.8 - 0.3 * i},
+                               "c0:y->0": {"max_pool_3x3": 1.0}}
+    paths = report.plot_metrics(recs, str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == [
+        "accuracy.png", "compression.png", "params.png", "alphas.png", "memory.png"]
+    top, bottom = report.metric_figures(recs)["alphas"].axes[:2]
+    # One line per edge, over the epochs (event markers are vertical lines of 2 points).
+    strongest = [list(l.get_ydata()) for l in top.get_lines() if len(l.get_ydata()) == len(recs)]
+    assert len(strongest) == 2
+    assert [0.8, 0.5, 0.8] == [round(y, 6) for y in strongest[0][:3]]
+    assert strongest[1][:3] == [1.0, 1.0, 1.0] and all(y != y for y in strongest[0][3:])
+    _assert_png(os.path.join(tmp_path, "alphas.png"))
+
+
 def test_draw_cell_without_y_and_with_string_indices(tmp_path):
     cell = {"kind": "normal", "channels": 8, "nodes": 4, "inputs": {},
             "edges": [{"from": "y", "to": 0, "ops": {"identity": 0.2}},

@@ -240,3 +240,30 @@ def test_other_configuration_is_refused_unless_overwrite(data, reference, tmp_pa
     assert [r["epoch"] for r in records(out)] == [1, 2]
     assert checkpoints(out) == {"checkpoint": 2}
     assert os.path.exists(os.path.join(out, "metrics.json"))
+
+
+# ASAP keeps more state than BonsaiNet: the alphas, their Adam slots and the annealed
+# temperature. tau = 1.2 * 0.5^epoch, so the alphas learn from epoch 2 on, and
+# operations go at the start of epochs 2-4 (each a rebuild).
+def asap_flags(data, out):
+    return search_flags(data, out, strategy="asap", memory_budget_mb=0, asap_tau0=1.2,
+                        asap_beta=0.5, asap_threshold=0.6, arch_lr=0.05, max_patterns=1)
+
+
+def test_asap_killed_mid_search_resumes_to_the_same_result(data, tmp_path):
+    ref = str(tmp_path / "reference")
+    proc = run(asap_flags(data, ref))
+    assert proc.returncode == 0, tail(proc)
+    events = " ".join(e for r in records(ref) for e in r["events"])
+    assert "removed" in events, events  # the kills below land after real pruning
+    out = str(tmp_path / "run")
+    args = asap_flags(data, out)
+    for fault, resumes_from in (("mid_epoch:3", None), ("mid_epoch:3", 2), ("rebuild", 2),
+                                ("mid_epoch:5", None), (None, 4)):
+        proc = run(args, fault=fault)
+        where = f"fault {fault}: {tail(proc)}"
+        assert proc.returncode == (KILLED if fault else 0), where
+        assert "Traceback" not in proc.stderr, where
+        if resumes_from is not None:
+            assert f"resuming {out} at epoch {resumes_from} " in proc.stderr, where
+    assert_same_result(out, ref)
