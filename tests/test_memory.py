@@ -12,6 +12,15 @@ from bonsai_tf import engine
 from bonsai_tf import genotype as G
 from bonsai_tf import memory as M
 
+
+@pytest.fixture(autouse=True)
+def _source_chosen_by_the_code(monkeypatch):
+    """These tests force each branch of the source choice themselves: a forced source in
+    the environment (CI sets BONSAI_TF_MEMORY_SOURCE=rss for the rest of the suite) would
+    decide it for them. The subprocess test sets its own."""
+    monkeypatch.delenv(M.SOURCE_ENV, raising=False)
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

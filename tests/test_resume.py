@@ -35,7 +35,7 @@ SEARCH = os.path.join(ROOT, "train", "search.py")
 KILLED = -signal.SIGKILL
 # What differs between two runs of the same computation.
 TIMING = {"seconds", "epoch_seconds", "memory_measured_mb", "search_seconds", "total_seconds",
-          "step_seconds", "first_step_seconds", "wall_seconds"}
+          "step_seconds", "first_step_seconds", "wall_seconds", "val_seconds"}
 
 
 def budget_for_growth(batch=16):

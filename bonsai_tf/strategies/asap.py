@@ -89,7 +89,9 @@ class ASAP(base.Strategy):
 
     # ---- between epochs -------------------------------------------------------------
     def begin(self, net, fresh):
-        net.set_temperature(self.tau())
+        # A run resumed in its final phase has a plain network: nothing mixes any more.
+        if net.temperature is not None:
+            net.set_temperature(self.tau())
 
     def before_epoch(self, epoch, net):
         self.epoch = epoch
