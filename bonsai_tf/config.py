@@ -9,8 +9,8 @@ from bonsai_tf import space as space_lib
 
 # The names strategies.get knows (a test keeps the two in step; this module imports
 # no TensorFlow, so the lists cannot be read from the strategies themselves).
-STRATEGIES = ("bonsai", "asap", "random", "fixed")
-SEARCHING = ("bonsai", "asap")
+STRATEGIES = ("bonsai", "asap", "bayes", "random", "fixed")
+SEARCHING = ("bonsai", "asap", "bayes")
 AUGMENT = ("", "none", "crop", "crop_flip", "crop_flip_cutout")  # data.AUGMENT_POLICIES and ''
 
 
@@ -101,6 +101,15 @@ class RunConfig:
     asap_tau0: float = 1.6
     asap_beta: float = 0.95
     asap_threshold: float = 0.4
+    # BayesNAS (METHODS.md): group-lasso lambdas of edge (parent) and operation (child)
+    # switches (the authors' runs used 0.01, 0.007 and 0.005), the gamma below which a
+    # switch is pruned, the Hessian estimator and its held-out batches, warm-up epochs
+    bayes_lambda_edge: float = 0.01
+    bayes_lambda_op: float = 0.01
+    bayes_threshold: float = 1e-3
+    bayes_hessian: str = "hutchinson"
+    bayes_hessian_batches: int = 8
+    bayes_warmup_epochs: int = 1
     # the wall-clock budget of the whole command (0 = none: `epochs` count instead)
     time_budget_minutes: float = 0.0
     search_fraction: float = 0.35  # of the training time under a budget
@@ -117,13 +126,15 @@ class RunConfig:
                 raise ConfigError(f"{name} = {getattr(self, name)!r}; expected {expected}")
         ints = ("train_subset", "final_subset", "scale", "nodes", "stem_stride", "max_patterns",
                 "reduction_target", "epochs", "search_epochs", "batch_size", "prune_interval",
-                "cycle_len", "seed", "steps_per_epoch")
+                "cycle_len", "seed", "steps_per_epoch", "bayes_hessian_batches",
+                "bayes_warmup_epochs")
         for name in ints:
             check(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool),
                   name, "an integer")
         floats = ("init_weight", "lr_max", "lr_min", "gate_lr", "momentum", "weight_decay",
                   "drop_path", "aux_weight", "label_smoothing", "lambda_edge", "lambda_input",
                   "memory_budget_mb", "arch_lr", "asap_tau0", "asap_beta", "asap_threshold",
+                  "bayes_lambda_edge", "bayes_lambda_op", "bayes_threshold",
                   "time_budget_minutes", "search_fraction")
         for name in floats:
             check(isinstance(getattr(self, name), (int, float)) and not isinstance(
@@ -163,6 +174,13 @@ class RunConfig:
         check(self.asap_tau0 > 0, "asap_tau0", "> 0")
         check(0 < self.asap_beta <= 1, "asap_beta", "in (0, 1]")
         check(0 <= self.asap_threshold < 1, "asap_threshold", "in [0, 1)")
+        check(self.bayes_lambda_edge > 0, "bayes_lambda_edge", "> 0")
+        check(self.bayes_lambda_op > 0, "bayes_lambda_op", "> 0")
+        check(self.bayes_threshold >= 0, "bayes_threshold", ">= 0 (0 = never prune)")
+        check(self.bayes_hessian in ("hutchinson", "exact"), "bayes_hessian",
+              "hutchinson or exact")
+        check(self.bayes_hessian_batches >= 1, "bayes_hessian_batches", ">= 1")
+        check(self.bayes_warmup_epochs >= 0, "bayes_warmup_epochs", ">= 0")
         check(self.time_budget_minutes >= 0 and math.isfinite(self.time_budget_minutes),
               "time_budget_minutes", ">= 0 (0 = no budget: --epochs count)")
         check(0 < self.search_fraction < 1, "search_fraction", "in (0, 1)")

@@ -92,6 +92,7 @@ class Run:
         self.strategy = strategies.get(config.strategy)(config, strategies.RunInfo(
             input_shape=self.input_shape, num_classes=self.num_classes,
             max_patterns=self.max_patterns, search_epochs=self.search_epochs))
+        self.strategy.attach(self._held_out_batches)
         self.net = None
         self.state = None
         self.plan = None
@@ -343,6 +344,16 @@ class Run:
                                    seed=self.cfg.seed * 100019 + epoch, drop_remainder=True)
         return iter(ds.repeat())
 
+    def _held_out_batches(self, n, epoch):
+        """n batches of the validation split (the training split where there is none),
+        drawn from a seed fixed by the epoch so a resumed run draws the same ones."""
+        from bonsai_tf import data as data_lib
+        x, y = self.splits.val if len(self.splits.val[1]) else self.splits.train
+        ds = data_lib.make_dataset(x, y, batch_size=min(self.cfg.batch_size, len(y)),
+                                   training=True, augment="none",
+                                   seed=self.cfg.seed * 100043 + epoch, drop_remainder=True)
+        return list(ds.repeat().take(n))
+
     def _train_epoch(self, ds, epoch):
         st = self.state
         searching = st.phase == "search"
@@ -444,7 +455,13 @@ class Run:
                 lr_max, start = cfg.gate_lr or cfg.lr_max, 0
             else:
                 lr_max, start = cfg.lr_max, self.state.group_start.get(name, 0)
-            self.opt.set_lr(name, optim.cosine_lr(epoch, start, self.total_epochs, lr_max, cfg.lr_min))
+            lr = optim.cosine_lr(epoch, start, self.total_epochs, lr_max, cfg.lr_min)
+            self.opt.set_lr(name, lr if self._arch_steps(name) else 0.0)
+
+    def _arch_steps(self, group):
+        """False for the "gates" group while the strategy holds the architecture still
+        (a warm-up that trains the weights only)."""
+        return group != "gates" or self.strategy.arch_trainable(self.state.epoch)
 
     def _progress_now(self, step=0):
         st = self.state
@@ -459,7 +476,8 @@ class Run:
                 lr_max, start = cfg.gate_lr or cfg.lr_max, 0.0
             else:
                 lr_max, start = cfg.lr_max, float(self.state.group_start.get(name, 0.0))
-            self.opt.set_lr(name, optim.cosine_lr(p, start, 1.0, lr_max, cfg.lr_min))
+            lr = optim.cosine_lr(p, start, 1.0, lr_max, cfg.lr_min)
+            self.opt.set_lr(name, lr if self._arch_steps(name) else 0.0)
 
     # ---- the time budget --------------------------------------------------------------
     def _elapsed(self):

@@ -387,26 +387,30 @@ def _prune_cell(cell):
 def remove_dead(cell, dead):
     """`cell` without the operations and inputs in `dead`, most closed first.
 
-    dead: [(gate weight, "op", (src, dst, op)) or (gate weight, "input", j)]. A removal
-    that would leave the cell without a path from its inputs to its output is
-    skipped (that gate stays, closed). Returns (cell, operations removed, inputs
-    removed).
+    dead: [(gate weight, "op", (src, dst, op)), (gate weight, "edge", (src, dst)) or
+    (gate weight, "input", j)]. A removal that would leave the cell without a path
+    from its inputs to its output is skipped (that gate stays, closed). Returns (cell,
+    operations removed, inputs removed); an edge counts its operations.
     """
     ops = inputs = 0
     for _, kind, key in sorted(dead, key=lambda t: t[0]):
         trial = _without(cell, kind, key)
         if _reaches_output(trial):
-            cell = trial
-            if kind == "op":
-                ops += 1
-            else:
+            if kind == "input":
                 inputs += 1
+            else:
+                ops += cell.num_ops() - trial.num_ops()
+            cell = trial
     return cell, ops, inputs
 
 
 def _without(cell, kind, key):
     if kind == "input":
         return dataclasses.replace(cell, inputs=tuple((j, w) for j, w in cell.inputs if j != key))
+    if kind == "edge":
+        return dataclasses.replace(cell, edges=tuple(
+            dataclasses.replace(e, ops=()) if (e.src, e.dst) == tuple(key) else e
+            for e in cell.edges))
     src, dst, op = key
     return dataclasses.replace(cell, edges=tuple(
         dataclasses.replace(e, ops=tuple((o, w) for o, w in e.ops if o != op))

@@ -42,20 +42,23 @@ def saw_gate_value(w):
     return step + (w - K.stop_gradient(w))
 
 
-MIXINGS = ("saw", "softmax")
+MIXINGS = ("saw", "softmax", "switch")
 
 
-def gate_values(pruners, mixing="saw", temperature=None):
+def gate_values(pruners, mixing="saw", temperature=None, parent=None):
     """The gains of an edge's operations, computed once on their stacked weights.
 
     "saw": g(w) of each pruner (BonsaiNet); "softmax": softmax(w / temperature) over
-    the edge's operations (ASAP). One vector computation instead of a few graph ops
-    per operation.
+    the edge's operations (ASAP); "switch": w itself, a real-valued switch, times the
+    edge's parent switch `parent` (BayesNAS). One vector computation instead of a few
+    graph ops per operation.
     """
     tf = _tf()
     w = tf.stack([p.w.value for p in pruners])
     if mixing == "softmax":
         return tf.unstack(tf.nn.softmax(w / temperature))
+    if mixing == "switch":
+        return tf.unstack(w * parent.w.value if parent is not None else w)
     return tf.unstack(saw_gate_value(w))
 
 
@@ -478,8 +481,9 @@ class Edge(keras.layers.Layer):
             raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
         if mixing == "softmax" and with_pruners and temperature is None:
             raise ValueError("softmax mixing needs a temperature variable, got None")
-        # What the per-operation parameters mean: saw gates, or softmax logits
-        # (an architecture weight each, mixed by softmax(w / temperature)).
+        # What the per-operation parameters mean: saw gates, softmax logits (an
+        # architecture weight each, mixed by softmax(w / temperature)), or switches
+        # (a real multiplier each, times one parent switch for the whole edge).
         self.mixing, self.temperature = mixing, temperature
         init_weights = list(init_weights) if init_weights is not None else [0.1] * len(ops)
         if len(init_weights) != len(ops):
@@ -501,6 +505,12 @@ class Edge(keras.layers.Layer):
             if drop_path > 0 and not space_lib.is_identity(op):
                 drop = DropPath(drop_path, seed=None if seed is None else seed + k, name=f"dp_{op}")
             self.drops.append(drop)
+        # BayesNAS's parent switch gates the whole edge; it is kept across rebuilds
+        # (a pruned operation leaves the edge, the edge's relevance stays).
+        self.parent = None
+        if with_pruners and mixing == "switch":
+            prev = getattr(reuse, "parent", None)
+            self.parent = prev if prev is not None else SawGate(1.0, name="g_edge")
 
     def by_op(self):
         return {op: (o, p) for op, o, p in zip(self.op_names, self.operations, self.pruners)}
@@ -511,7 +521,7 @@ class Edge(keras.layers.Layer):
         for op in self.operations:
             if not op.built:
                 op.build(input_shape)
-        for p in self.pruners:
+        for p in self.pruners + [self.parent]:
             if p is not None and not p.built:
                 p.build()
 
@@ -519,7 +529,8 @@ class Edge(keras.layers.Layer):
         """The gated (and drop-path-masked) output of every operation, to be summed."""
         tf = _tf()
         relu_x = tf.nn.relu(x) if sum(op.starts_with_relu for op in self.operations) > 1 else None
-        gains = (gate_values(self.pruners, self.mixing, self.temperature) if self.with_pruners
+        gains = (gate_values(self.pruners, self.mixing, self.temperature, self.parent)
+                 if self.with_pruners
                  else [None] * len(self.operations))
         out = []
         for op, gain, drop in zip(self.operations, gains, self.drops):
@@ -664,9 +675,11 @@ class BonsaiCell(keras.layers.Layer):
         return (input_shapes[-1][0], h, w, self.cell.channels)
 
     def gates(self):
-        """(kind, key, pruner) for every pruner of this cell: kind is 'op' or 'input'."""
+        """(kind, key, pruner) for every pruner of this cell: kind 'edge', 'op' or 'input'."""
         out = []
         for key, edge in self.edges.items():
+            if edge.parent is not None:
+                out.append(("edge", key, edge.parent))
             for op, p in zip(edge.op_names, edge.pruners):
                 if p is not None:
                     out.append(("op", (key, op), p))

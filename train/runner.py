@@ -34,8 +34,9 @@ flags.DEFINE_integer("verbose", 1, "0: no progress bars; 1: a progress bar, redr
                      "per epoch instead, as 2; 2: one line per epoch.")
 flags.DEFINE_enum("strategy", D.strategy, list(config_lib.STRATEGIES),
                   "bonsai: BonsaiNet search (pruning and growth); asap: ASAP search "
-                  "(annealing and pruning); random: random baseline matching --genotype; fixed: "
-                  "train --genotype from scratch.")
+                  "(annealing and pruning); bayes: BayesNAS (relevance priors, Laplace updates; "
+                  "with --genotype it compresses that network); random: random baseline matching "
+                  "--genotype; fixed: train --genotype from scratch.")
 flags.DEFINE_string("space", D.space, "Operation set: bonsai7, darts8 or small.")
 flags.DEFINE_integer("scale", D.scale, "Stem channels C.")
 flags.DEFINE_integer("nodes", D.nodes, "Intermediate nodes per cell.")
@@ -45,7 +46,8 @@ flags.DEFINE_string("patterns", json.dumps([list(p) for p in D.patterns]),
 flags.DEFINE_integer("max_patterns", D.max_patterns, "Most patterns (0: spatial limit).")
 flags.DEFINE_integer("reduction_target", D.reduction_target, "Smallest spatial size.")
 flags.DEFINE_float("init_weight", D.init_weight, "Initial pruner weight.")
-flags.DEFINE_string("genotype", D.genotype, "Genotype JSON for --strategy=random/fixed.")
+flags.DEFINE_string("genotype", D.genotype, "Genotype JSON for --strategy=random/fixed (and "
+                    "bayes: the network to compress).")
 flags.DEFINE_integer("epochs", D.epochs, "Epochs in all (search + final training).")
 flags.DEFINE_integer("search_epochs", D.search_epochs, "Search epochs (0: half of --epochs).")
 flags.DEFINE_integer("batch_size", D.batch_size, "Batch size.")
@@ -73,6 +75,19 @@ flags.DEFINE_float("asap_tau0", D.asap_tau0, "ASAP: initial softmax temperature.
 flags.DEFINE_float("asap_beta", D.asap_beta, "ASAP: temperature decay per epoch.")
 flags.DEFINE_float("asap_threshold", D.asap_threshold, "ASAP: an operation whose weight falls "
                    "below threshold / (operations on its edge) is removed.")
+flags.DEFINE_float("bayes_lambda_edge", D.bayes_lambda_edge, "BayesNAS: group-lasso lambda of "
+                   "the edge (parent) switches (the authors used 0.01, 0.007, 0.005).")
+flags.DEFINE_float("bayes_lambda_op", D.bayes_lambda_op, "BayesNAS: group-lasso lambda of the "
+                   "operation (child) switches.")
+flags.DEFINE_float("bayes_threshold", D.bayes_threshold, "BayesNAS: a switch group whose "
+                   "relevance gamma falls below this is pruned (edges first); 0: never.")
+flags.DEFINE_enum("bayes_hessian", D.bayes_hessian, ["hutchinson", "exact"], "BayesNAS: the "
+                  "Hessian diagonal: Hutchinson's estimator (one product per batch) or exact "
+                  "(one product per switch and batch).")
+flags.DEFINE_integer("bayes_hessian_batches", D.bayes_hessian_batches, "BayesNAS: held-out "
+                     "batches per Laplace update.")
+flags.DEFINE_integer("bayes_warmup_epochs", D.bayes_warmup_epochs, "BayesNAS: epochs that "
+                     "train the weights only, switches held at 1.")
 flags.DEFINE_string("threads", "auto", "TensorFlow threads as INTER,INTRA, or auto: one op per "
                     "core on machines of up to 4 cores, TensorFlow's default above.")
 flags.DEFINE_float("memory_budget_mb", D.memory_budget_mb, "Training-memory budget (MB) that "
@@ -218,7 +233,7 @@ def check_output_dir(output_dir):
 
 def _check_genotype_fits(cfg, info):
     """A --genotype for other images or classes is refused before the run directory is made."""
-    if cfg.strategy not in ("random", "fixed"):
+    if cfg.strategy not in ("random", "fixed") and not (cfg.strategy == "bayes" and cfg.genotype):
         return
     from bonsai_tf import genotype as genotype_lib
     g = genotype_lib.Genotype.load(cfg.genotype)

@@ -32,8 +32,8 @@ def names():
 
 
 def _register_builtins():
-    from bonsai_tf.strategies import asap, bonsai, fixed
-    for cls in (bonsai.BonsaiNet, asap.ASAP, fixed.Fixed, fixed.Random):
+    from bonsai_tf.strategies import asap, bayes, bonsai, fixed
+    for cls in (bonsai.BonsaiNet, asap.ASAP, bayes.BayesNAS, fixed.Fixed, fixed.Random):
         register(cls)
 
 

@@ -25,6 +25,11 @@ A strategy answers six questions:
                               planned search epochs (or time) are used up.
   the final genotype          `final_genotype(net)`.
 
+A strategy that needs data between epochs (BayesNAS's Hessians) calls
+`self.batches(n, epoch)`: n held-out batches (x, y) of the validation split (of the
+training split where there is none), drawn from a seed fixed by the epoch. The engine
+attaches it before the run starts (`attach`).
+
 A strategy's own state (histories, counters, schedules) is plain JSON returned by
 `state()` and given back by `load_state()`: it is written into every checkpoint,
 so every strategy resumes after a kill as BonsaiNet does. Per-gate state that
@@ -65,6 +70,11 @@ class Strategy:
 
     def __init__(self, cfg, info):
         self.cfg, self.info = cfg, info
+        self.batches = None
+
+    def attach(self, batches):
+        """The engine's `batches(n, epoch)` -> [(x, y)] of held-out data."""
+        self.batches = batches
 
     # ---- structure ---------------------------------------------------------------
     def initial_genotype(self):

@@ -5,6 +5,16 @@ from bonsai_tf import memory as memory_lib
 from bonsai_tf.strategies import base
 
 
+def load_genotype(path, info):
+    """The genotype in `path`, checked against the data (base.RunInfo)."""
+    g = genotype_lib.Genotype.load(path)
+    if tuple(g.input_shape) != tuple(info.input_shape) or g.num_classes != info.num_classes:
+        raise genotype_lib.GenotypeError(
+            f"genotype {path} is for input {tuple(g.input_shape)} with {g.num_classes} "
+            f"classes; the dataset has {tuple(info.input_shape)} and {info.num_classes}")
+    return g
+
+
 class Fixed(base.Strategy):
     """Trains `--genotype` from scratch: the standard NAS evaluation protocol."""
 
@@ -12,14 +22,7 @@ class Fixed(base.Strategy):
     searches = False
 
     def initial_genotype(self):
-        g = genotype_lib.Genotype.load(self.cfg.genotype)
-        if tuple(g.input_shape) != tuple(self.info.input_shape) or \
-                g.num_classes != self.info.num_classes:
-            raise genotype_lib.GenotypeError(
-                f"genotype {self.cfg.genotype} is for input {tuple(g.input_shape)} with "
-                f"{g.num_classes} classes; the dataset has {tuple(self.info.input_shape)} and "
-                f"{self.info.num_classes}")
-        return g
+        return load_genotype(self.cfg.genotype, self.info)
 
 
 class Random(Fixed):
