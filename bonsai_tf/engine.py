@@ -646,6 +646,7 @@ class Run:
                    "flops": memory_lib.estimate(g, 1)["flops"]}
         metrics.update({k: v for k, v in self.strategy.record(self.net).items()
                         if k == "compression"})
+        metrics.update(self.strategy.summary(final))
         metrics["examples"] = {k: int(len(getattr(self.splits, k)[1]))
                                for k in ("train", "val", "test")}
         metrics["wall_seconds"] = self._elapsed()  # the whole command so far, every process

@@ -95,6 +95,11 @@ def _series(records, key):
     return [_number(rec.get(key)) for rec in records]
 
 
+def _nan(values):
+    """None -> NaN, so matplotlib leaves a gap."""
+    return [math.nan if v is None else v for v in values]
+
+
 def _events(rec):
     ev = rec.get("events")
     if isinstance(ev, str):
@@ -190,7 +195,7 @@ def _curve_figure(records, epochs, lines, title, ylabel, formatter=None, hlines=
         if not xs:
             continue
         # NaN breaks the line at missing epochs instead of bridging over them.
-        ys = [math.nan if v is None else v for v in values]
+        ys = _nan(values)
         ax.plot(epochs, ys, label=label, **{"marker": "o", "ms": 3.5, "zorder": 3, **style})
         plotted = True
     for value, label, style in hlines:
@@ -219,11 +224,12 @@ def _curve_figure(records, epochs, lines, title, ylabel, formatter=None, hlines=
     return fig
 
 
-def metric_figures(records, memory_budget_mb=None):
+def metric_figures(records, memory_budget_mb=None, threshold=None):
     """{name: matplotlib Figure} for accuracy, compression, params and memory, drawn
     from per-epoch records (the lines of metrics.jsonl).
 
     memory_budget_mb: the run's budget (config.json), drawn on the memory plot when > 0.
+    threshold: BayesNAS's pruning threshold on gamma, drawn on the gamma plot.
     """
     from matplotlib.ticker import EngFormatter
 
@@ -255,6 +261,8 @@ def metric_figures(records, memory_budget_mb=None):
 
     if any(isinstance(r.get("mixing_weights"), dict) for r in records):
         figures["alphas"] = _mixing_figure(records, epochs)
+    if any(isinstance(r.get("gammas"), dict) for r in records):
+        figures["gammas"] = _gamma_figure(records, epochs, threshold)
     budget = _number(memory_budget_mb)
     figures["memory"] = _curve_figure(
         records, epochs,
@@ -290,12 +298,12 @@ def _mixing_figure(records, epochs):
                    borderaxespad=0.0, frameon=False)
     bottom = fig.add_subplot(2, 1, 2, sharex=top)
     ops = _series(records, "operations")
-    bottom.plot(epochs, [math.nan if v is None else v for v in ops], color="#2ca02c",
+    bottom.plot(epochs, _nan(ops), color="#2ca02c",
                 marker="o", ms=3.5, label="operations left")
     taus = _series(records, "tau")
     if any(t is not None for t in taus):
         twin = bottom.twinx()
-        twin.plot(epochs, [math.nan if v is None else v for v in taus], color="#d62728",
+        twin.plot(epochs, _nan(taus), color="#d62728",
                   ls="--", label="temperature tau")
         twin.set_ylabel("tau")
         twin.legend(fontsize=8, loc="upper right", frameon=False)
@@ -307,9 +315,46 @@ def _mixing_figure(records, epochs):
     return fig
 
 
-def plot_metrics(records, out_dir, memory_budget_mb=None):
+def _gamma_figure(records, epochs, threshold=None):
+    """BayesNAS: every switch group's relevance gamma (log scale) and the operations left."""
+    fig = _new_figure((8.0, 5.6))
+    top = fig.add_subplot(2, 1, 1)
+    handles = _decorate(top, records, epochs)
+    groups = sorted({k for r in records if isinstance(r.get("gammas"), dict) for k in r["gammas"]})
+    for key in groups:
+        ys = _nan([_number((r.get("gammas") or {}).get(key)) for r in records])
+        # Edge (parent) switches solid, operation (child) switches thin.
+        edge = key.count("/") == 1
+        top.plot(epochs, ys, lw=1.4 if edge else 0.7, alpha=0.9 if edge else 0.5,
+                 marker="o", ms=2.5 if edge else 1.5)
+    thr = _number(threshold)
+    if thr is not None and thr > 0:
+        top.axhline(thr, color="#000000", ls=(0, (8, 3)), lw=1.0)
+        top.text(epochs[0] if epochs else 0, thr, f" prune below {_fmt(thr)}", fontsize=8,
+                 va="bottom")
+    top.set_yscale("log")
+    top.set_ylabel("gamma (relevance)")
+    edges = sum(1 for k in groups if k.count("/") == 1)
+    top.set_title(f"Relevance of {edges} edge groups (thick) and {len(groups) - edges} "
+                  f"operation groups")
+    top.grid(True, alpha=0.3)
+    if handles:
+        top.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                   borderaxespad=0.0, frameon=False)
+    bottom = fig.add_subplot(2, 1, 2, sharex=top)
+    bottom.plot(epochs, _nan(_series(records, "operations")), color="#2ca02c", marker="o",
+                ms=3.5, label="operations left")
+    bottom.set_xlabel("epoch")
+    bottom.set_ylabel("operations")
+    bottom.grid(True, alpha=0.3)
+    bottom.legend(fontsize=8, loc="upper left", frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_metrics(records, out_dir, memory_budget_mb=None, threshold=None):
     """Writes accuracy.png, compression.png, params.png, memory.png (and, for runs that
-    record mixing weights, alphas.png) into out_dir
+    record mixing weights, alphas.png; relevances, gammas.png) into out_dir
     from per-epoch records (the lines of metrics.jsonl); returns their paths.
 
     Every plot is written even without data, so a report's links never break.
@@ -317,7 +362,7 @@ def plot_metrics(records, out_dir, memory_budget_mb=None):
     """
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    for name, fig in metric_figures(records, memory_budget_mb).items():
+    for name, fig in metric_figures(records, memory_budget_mb, threshold).items():
         path = os.path.join(out_dir, name + ".png")
         fig.savefig(path)
         paths.append(path)
@@ -714,6 +759,34 @@ def _export_lines(export):
     return lines
 
 
+def _given_lines(metrics, records):
+    """BayesNAS over a given network (--genotype): what it cost, what it removed."""
+    given = (metrics or {}).get("compression_of_given")
+    if not isinstance(given, dict):
+        return []
+    lines = ["## Compression of the given network", "", "| | given | found | kept |",
+             "|---|---|---|---|"]
+    for key in ("operations", "params"):
+        pair = given.get(key)
+        if isinstance(pair, list) and len(pair) == 2 and all(_number(v) for v in pair):
+            a, b = pair
+            lines.append(f"| {key} | {_fmt(a)} | {_fmt(b)} | {100.0 * b / a:.1f}% |")
+    # Validation accuracy of the network as given (the last epoch before the first
+    # pruning: validation runs before the epoch's structural change) against the
+    # final network's.
+    before = None
+    for r in records:
+        if any(str(e).startswith("prune:") for e in _events(r)):
+            before = _number(r.get("val_accuracy"))
+            break
+        before = _number(r.get("val_accuracy"))
+    after = _number(records[-1].get("val_accuracy")) if records else None
+    test = _number((metrics or {}).get("test_accuracy"))
+    lines += ["", f"Validation accuracy before the first pruning {_fmt(before)}, at the end "
+              f"{_fmt(after)}; test accuracy of the final network {_fmt(test)}.", ""]
+    return lines
+
+
 def write_report(run_dir):
     """Writes report.md and its PNGs into run_dir; returns the report's path."""
     if not os.path.isdir(run_dir):
@@ -749,12 +822,16 @@ def write_report(run_dir):
     if not records:
         lines += ["No epochs recorded yet.", ""]
     else:
-        for p in plot_metrics(records, run_dir, (config or {}).get("memory_budget_mb")):
+        for p in plot_metrics(records, run_dir, (config or {}).get("memory_budget_mb"),
+                              (config or {}).get("bayes_threshold")
+                              if (config or {}).get("strategy") == "bayes" else None):
             stem = os.path.splitext(os.path.basename(p))[0]
             lines += [f"![{stem}]({os.path.basename(p)})", ""]
         lines += ["Vertical lines mark epochs with events, one colour and line style per "
                   "kind (see the legends); the shaded band is the final (fixed "
                   "architecture) phase.", ""]
+
+    lines += _given_lines(metrics, records)
 
     lines += ["## Cells", ""]
     cells = genotype.get("cells") if genotype else None

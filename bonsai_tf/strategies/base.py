@@ -117,6 +117,10 @@ class Strategy:
         """Extra per-epoch figures for metrics.jsonl (JSON values)."""
         return {}
 
+    def summary(self, final):
+        """Extra figures for metrics.json, given the final network (JSON values)."""
+        return {}
+
     # ---- checkpoints ----------------------------------------------------------------
     def state(self):
         return {}

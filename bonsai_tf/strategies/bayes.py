@@ -44,6 +44,7 @@ import tensorflow as tf
 
 from bonsai_tf import genotype as genotype_lib
 from bonsai_tf import layers as L
+from bonsai_tf import memory as memory_lib
 from bonsai_tf.strategies import base
 from bonsai_tf.strategies import fixed
 
@@ -85,10 +86,11 @@ def hessian_vector_product(loss_fn, variables):
                 loss = loss_fn(x, y)
             grads = inner.gradient(loss, variables,
                                    unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            gz = tf.add_n([tf.reduce_sum(g * v) for g, v in zip(grads, vectors)])
+            gz = tf.add_n([tf.reduce_sum(g * tf.cast(v, g.dtype)) for g, v in zip(grads, vectors)])
         hz = outer.gradient(gz, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return tf.stack([tf.reshape(h, ()) for h in hz])
-    return tf.function(hvp, reduce_retracing=True)
+        return tf.stack([tf.cast(tf.reshape(h, ()), tf.float64) for h in hz])
+    # No autograph: the function has no Python control flow on tensors to convert.
+    return tf.function(hvp, reduce_retracing=True, autograph=False)
 
 
 def hessian_diagonal(loss_fn, variables, batches, method="hutchinson", seed=0, hvp=None):
@@ -155,6 +157,7 @@ class BayesNAS(base.Strategy):
         self._omega_keys = ()
         self._hvp = None
         self.update_seconds = None
+        self.given = None    # a given network's size (--genotype): what compression starts from
 
     # ---- structure ---------------------------------------------------------------
     def initial_genotype(self):
@@ -234,6 +237,10 @@ class BayesNAS(base.Strategy):
     # ---- between epochs -------------------------------------------------------------
     def begin(self, net, fresh):
         self._hvp = None   # the variables changed: trace the Hessian products again
+        if fresh and self.cfg.genotype:
+            g = net.genotype
+            self.given = {"operations": g.num_ops(),
+                          "params": memory_lib.estimate(g, 1)["params"]}
         if net.with_pruners:
             self._defaults(self.groups(net))
 
@@ -307,8 +314,9 @@ class BayesNAS(base.Strategy):
             self.pruned["operations"] += g.num_ops() - new.num_ops()
             change.genotype = new
             change.events.append(
-                f"prune: {lost_edges} edges ({edges_gone} operations) and {ops_gone} more "
-                f"operations whose gamma fell below {bar:g}")
+                f"prune: {lost_edges} edges and {g.num_ops() - new.num_ops()} operations "
+                f"({edges_gone} edges and {ops_gone} operations had gamma below {bar:g}; the "
+                f"rest were cut off with them)")
         return change
 
     def record(self, net):
@@ -322,10 +330,19 @@ class BayesNAS(base.Strategy):
                 "pruned_edges": self.pruned["edges"],
                 "pruned_operations": self.pruned["operations"]}
 
+    def summary(self, final):
+        if self.given is None:
+            return {}
+        g = final.genotype
+        # Both sizes from the same analytical count, so the ratio compares like with like.
+        return {"compression_of_given": {
+            "operations": [self.given["operations"], g.num_ops()],
+            "params": [self.given["params"], memory_lib.estimate(g, 1)["params"]]}}
+
     # ---- checkpoints ----------------------------------------------------------------
     def state(self):
         return {"gamma": self.gamma, "omega": self.omega, "hessian": self.hessian,
-                "updates": self.updates, "pruned": self.pruned}
+                "updates": self.updates, "pruned": self.pruned, "given": self.given}
 
     def load_state(self, state):
         self.gamma = {k: float(v) for k, v in state["gamma"].items()}
@@ -333,3 +350,4 @@ class BayesNAS(base.Strategy):
         self.hessian = {k: float(v) for k, v in state["hessian"].items()}
         self.updates = int(state["updates"])
         self.pruned = {k: int(v) for k, v in state["pruned"].items()}
+        self.given = state.get("given")
