@@ -183,7 +183,7 @@ class _BNVars:
         self.moving_mean = add("moving_mean", "zeros", False)
         self.moving_variance = add("moving_variance", "ones", False)
 
-    def apply(self, x, training, gain=None):
+    def apply(self, x, training, gain=None, affine=True):
         """Batch norm of x; `gain` (a folded pruner g(w)) multiplies scale and offset.
 
         Training uses TensorFlow's fused kernel, which also returns the updated moving
@@ -192,6 +192,8 @@ class _BNVars:
         """
         tf = _tf()
         gamma, beta = self.gamma.value, self.beta.value
+        if not affine:   # the variables stay (a final network trains them), unused
+            gamma, beta = tf.ones_like(gamma), tf.zeros_like(beta)
         if gain is not None:
             gamma, beta = gamma * gain, beta * gain
         if training:
@@ -284,8 +286,12 @@ class Operation(keras.layers.Layer):
             elif kind == "bn":
                 self.bns[i] = _BNVars(self, c, f"bn{i}_")
 
-    def run(self, x, training=None, relu_x=None, gain=None):
+    def run(self, x, training=None, relu_x=None, gain=None, affine=True):
         """The operation on x; relu_x = relu(x) if the caller has it; gain folds a gate.
+
+        affine=False: the final batch norm has no scale and offset of its own (gain
+        alone scales it), as DARTS-style searches build their operations: a switch
+        that multiplies a learnt scale could shrink while the scale grows, at no cost.
 
         Returns (output, whether `gain` was folded in): only an operation ending in
         batch norm can fold it; the caller multiplies the others.
@@ -305,7 +311,8 @@ class Operation(keras.layers.Layer):
             if kind == "relu":
                 x = tf.nn.relu(x)
             elif kind == "bn":
-                x = self.bns[i].apply(x, training, gain if i == last else None)
+                x = self.bns[i].apply(x, training, gain if i == last else None,
+                                      affine=affine or i != last)
             elif kind == "pw":
                 x = tf.nn.conv2d(x, self.kernels[i].value, 1, "VALID")
             elif kind == "conv":
@@ -508,7 +515,8 @@ class Edge(keras.layers.Layer):
         # BayesNAS's parent switch gates the whole edge; it is kept across rebuilds
         # (a pruned operation leaves the edge, the edge's relevance stays).
         self.parent = None
-        if with_pruners and mixing == "switch":
+        self.switched = with_pruners and mixing == "switch"
+        if self.switched:
             prev = getattr(reuse, "parent", None)
             self.parent = prev if prev is not None else SawGate(1.0, name="g_edge")
 
@@ -534,7 +542,7 @@ class Edge(keras.layers.Layer):
                  else [None] * len(self.operations))
         out = []
         for op, gain, drop in zip(self.operations, gains, self.drops):
-            y, folded = op.run(x, training, relu_x, gain)
+            y, folded = op.run(x, training, relu_x, gain, affine=not self.switched)
             if gain is not None and not folded:
                 y = y * gain
             if drop is not None and training:
@@ -596,6 +604,7 @@ class BonsaiCell(keras.layers.Layer):
         # Cell inputs are gated by saw-gate pruners only (BonsaiNet); with softmax mixing
         # (ASAP) every earlier output is summed into y, as the cell was built.
         self.gated_inputs = with_pruners and mixing == "saw"
+        self.switched = with_pruners and mixing == "switch"
         self.y_gates = dict(reuse.y_gates) if reuse is not None and self.gated_inputs else {}
         self._init_gate = dict(cell.inputs)
 
@@ -665,7 +674,11 @@ class BonsaiCell(keras.layers.Layer):
             if not terms:
                 continue
             total = terms[0] if len(terms) == 1 else tf.math.add_n(terms)
-            values[dst] = out = self.node_bn[str(dst)](total, training=training)
+            # With switches a node is their plain sum: a batch norm after it would make
+            # the switches' scale free (it normalises it away), and the group lasso
+            # would shrink them all at no cost to the loss.
+            values[dst] = out = (total if self.switched else
+                                 self.node_bn[str(dst)](total, training=training))
         return out
 
     def compute_output_shape(self, input_shapes):
