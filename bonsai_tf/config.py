@@ -106,7 +106,7 @@ class RunConfig:
     # switch is pruned, the Hessian estimator and its held-out batches, warm-up epochs
     bayes_lambda_edge: float = 0.01
     bayes_lambda_op: float = 0.01
-    bayes_threshold: float = 1e-3
+    bayes_threshold: float = 0.01
     bayes_hessian: str = "hutchinson"
     bayes_hessian_batches: int = 8
     bayes_warmup_epochs: int = 1

@@ -269,22 +269,24 @@ class Operation(keras.layers.Layer):
         self.ends_with_bn = self.recipe[-1] == ("bn",)
 
     def build(self, input_shape=None):
-        c = self.channels
         self.kernels, self.bns = {}, {}
-        for i, step in enumerate(self.recipe):
+        # Each step at its own width: e x channels between ("expand", e) and ("project", e).
+        widths = space_lib.step_channels(self.op, self.channels)
+        for i, (step, (cin, cout)) in enumerate(zip(self.recipe, widths)):
             kind = step[0]
             if kind == "dw":
-                self.kernels[i] = self.add_weight(name=f"dw{i}_kernel", shape=(step[1], step[1], c, 1),
+                self.kernels[i] = self.add_weight(name=f"dw{i}_kernel",
+                                                  shape=(step[1], step[1], cin, 1),
                                                   initializer="glorot_uniform")
-            elif kind == "pw":
-                self.kernels[i] = self.add_weight(name=f"pw{i}_kernel", shape=(1, 1, c, c),
+            elif kind in ("pw", "expand", "project"):
+                self.kernels[i] = self.add_weight(name=f"{kind}{i}_kernel", shape=(1, 1, cin, cout),
                                                   initializer="glorot_uniform")
             elif kind == "conv":
                 self.kernels[i] = self.add_weight(name=f"conv{i}_kernel",
-                                                  shape=(step[1], step[1], c, c),
+                                                  shape=(step[1], step[1], cin, cout),
                                                   initializer="glorot_uniform")
             elif kind == "bn":
-                self.bns[i] = _BNVars(self, c, f"bn{i}_")
+                self.bns[i] = _BNVars(self, cout, f"bn{i}_")
 
     def run(self, x, training=None, relu_x=None, gain=None, affine=True):
         """The operation on x; relu_x = relu(x) if the caller has it; gain folds a gate.
@@ -310,10 +312,14 @@ class Operation(keras.layers.Layer):
             s = self.stride if i == self.strided_step else 1
             if kind == "relu":
                 x = tf.nn.relu(x)
+            elif kind == "relu6":
+                x = tf.nn.relu6(x)
             elif kind == "bn":
                 x = self.bns[i].apply(x, training, gain if i == last else None,
                                       affine=affine or i != last)
-            elif kind == "pw":
+            elif kind in ("pw", "expand", "project"):
+                # Never strided (not spatial steps), so never the strided 1x1 kernel
+                # that ReLUConvBN avoids.
                 x = tf.nn.conv2d(x, self.kernels[i].value, 1, "VALID")
             elif kind == "conv":
                 x = tf.nn.conv2d(x, self.kernels[i].value, s, "SAME")
@@ -674,11 +680,15 @@ class BonsaiCell(keras.layers.Layer):
             if not terms:
                 continue
             total = terms[0] if len(terms) == 1 else tf.math.add_n(terms)
-            # With switches a node is their plain sum: a batch norm after it would make
-            # the switches' scale free (it normalises it away), and the group lasso
-            # would shrink them all at no cost to the loss.
-            values[dst] = out = (total if self.switched else
-                                 self.node_bn[str(dst)](total, training=training))
+            if self.switched:
+                # With switches a node is the mean of its terms, not their batch norm:
+                # a batch norm would make the switches' scale free (it normalises it
+                # away) and the group lasso would shrink them all at no cost to the
+                # loss. The mean (not the sum: a cell sums a dozen terms per node, and
+                # cells compound) keeps the scale of unit-variance terms.
+                values[dst] = out = total / float(len(terms))
+            else:
+                values[dst] = out = self.node_bn[str(dst)](total, training=training)
         return out
 
     def compute_output_shape(self, input_shapes):

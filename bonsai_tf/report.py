@@ -111,9 +111,10 @@ def _events(rec):
 
 def _event_kind(text):
     """deadhead, grow, final, cycle or other, from the text engine.py writes
-    ("compression cycle 2: pressure x4", "final network: ...")."""
+    ("compression cycle 2: pressure x4", "final network: ..."). Pruning by ASAP or
+    BayesNAS ("prune: ...") removes operations for good, as deadheading does."""
     head = text.split(":", 1)[0].strip().lower()
-    if head.startswith("deadhead"):
+    if head.startswith("deadhead") or head.startswith("prune"):
         return "deadhead"
     if head.startswith("grow"):
         return "grow"
