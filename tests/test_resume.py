@@ -35,7 +35,8 @@ SEARCH = os.path.join(ROOT, "train", "search.py")
 KILLED = -signal.SIGKILL
 # What differs between two runs of the same computation.
 TIMING = {"seconds", "epoch_seconds", "memory_measured_mb", "search_seconds", "total_seconds",
-          "step_seconds", "first_step_seconds", "wall_seconds", "val_seconds"}
+          "step_seconds", "first_step_seconds", "wall_seconds", "val_seconds",
+          "bayes_update_seconds"}
 
 
 def budget_for_growth(batch=16):
@@ -260,6 +261,36 @@ def test_asap_killed_mid_search_resumes_to_the_same_result(data, tmp_path):
     args = asap_flags(data, out)
     for fault, resumes_from in (("mid_epoch:3", None), ("mid_epoch:3", 2), ("rebuild", 2),
                                 ("mid_epoch:5", None), (None, 4)):
+        proc = run(args, fault=fault)
+        where = f"fault {fault}: {tail(proc)}"
+        assert proc.returncode == (KILLED if fault else 0), where
+        assert "Traceback" not in proc.stderr, where
+        if resumes_from is not None:
+            assert f"resuming {out} at epoch {resumes_from} " in proc.stderr, where
+    assert_same_result(out, ref)
+
+
+# BayesNAS keeps gamma, omega and the Hessians in its state and the switches (and the
+# parent switches of edges) in the model; its Laplace update draws held-out batches
+# and Hutchinson probes from seeds fixed by the epoch. Epoch 1 is the warm-up; the
+# update after epoch 2 prunes an edge and operations (a rebuild).
+def bayes_flags(data, out):
+    return search_flags(data, out, strategy="bayes", memory_budget_mb=0, max_patterns=1,
+                        bayes_lambda_edge=0.5, bayes_lambda_op=0.5, bayes_threshold=0.9,
+                        bayes_hessian_batches=2, gate_lr=0.2)
+
+
+def test_bayes_killed_mid_search_resumes_to_the_same_result(data, tmp_path):
+    ref = str(tmp_path / "reference")
+    proc = run(bayes_flags(data, ref))
+    assert proc.returncode == 0, tail(proc)
+    events = " ".join(e for r in records(ref) for e in r["events"])
+    assert "prune:" in events, events  # the kills below land after real pruning
+    out = str(tmp_path / "run")
+    args = bayes_flags(data, out)
+    # Killed before the first pruning, at its rebuild, after it, and then left to finish.
+    for fault, resumes_from in (("mid_epoch:2", None), ("rebuild", 1), ("mid_epoch:4", 1),
+                                (None, 3)):
         proc = run(args, fault=fault)
         where = f"fault {fault}: {tail(proc)}"
         assert proc.returncode == (KILLED if fault else 0), where
