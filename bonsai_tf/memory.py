@@ -34,8 +34,9 @@ class OpCost:
         return BYTES * (self.activations * batch + PARAM_COPIES * self.params)
 
 
-# Steps whose backward pass needs their input tensor; ReLU's needs its output.
-NEEDS_INPUT = frozenset({"dw", "pw", "conv", "bn", "maxpool"})
+# Steps whose backward pass needs their input tensor; ReLU's and ReLU6's need their output.
+NEEDS_INPUT = frozenset({"dw", "pw", "expand", "project", "conv", "bn", "maxpool"})
+NEEDS_OUTPUT = frozenset({"relu", "relu6"})
 
 
 def op_cost(op, h, w, c, stride):
@@ -55,34 +56,36 @@ def op_cost(op, h, w, c, stride):
     extra = 0
     kept = set()
     steps = space_lib.recipe(op)
+    # Each step at its own width (space.step_channels): e x c between expand and project.
+    widths = space_lib.step_channels(op, c)
     if s > 1 and not any(step[0] in space_lib.SPATIAL_STEPS for step in steps):
         h, w, s = _ceil_div(h, s), _ceil_div(w, s), 1  # subsampled up front (layers.Operation)
-    for i, step in enumerate(steps):
+    for i, (step, (cin, cout)) in enumerate(zip(steps, widths)):
         kind = step[0]
         if kind in space_lib.SPATIAL_STEPS:
             st, s = s, 1
         else:
             st = 1
         if kind == "dw" and step[2] > 1 and st > 1:
-            extra += h * w * c  # computed at stride 1, then subsampled (layers.Operation)
+            extra += h * w * cout  # computed at stride 1, then subsampled (layers.Operation)
         oh, ow = _ceil_div(h, st), _ceil_div(w, st)
-        out = oh * ow * c
+        out = oh * ow * cout
         if kind == "dw":
-            params += step[1] * step[1] * c
+            params += step[1] * step[1] * cin
             flops += out * step[1] * step[1]
         elif kind == "conv":
-            params += step[1] * step[1] * c * c
-            flops += out * step[1] * step[1] * c
-        elif kind == "pw":
-            params += c * c
-            flops += out * c
+            params += step[1] * step[1] * cin * cout
+            flops += out * step[1] * step[1] * cin
+        elif kind in ("pw", "expand", "project"):
+            params += cin * cout
+            flops += out * cin
         elif kind == "bn":
-            params += 2 * c
+            params += 2 * cout
         elif kind in ("maxpool", "avgpool"):
             flops += out * step[1] * step[1]
         if kind in NEEDS_INPUT and i > 0:
             kept.add(i - 1)
-        if kind == "relu" or i == len(steps) - 1:
+        if kind in NEEDS_OUTPUT or i == len(steps) - 1:
             kept.add(i)
         sizes.append(out)
         h, w = oh, ow

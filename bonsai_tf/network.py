@@ -268,9 +268,12 @@ def deployable(net):
             s = op.stride if i == op.strided_step else 1
             if kind == "relu":
                 x = layers_.ReLU(name=name(p))(x)
+            elif kind == "relu6":
+                x = layers_.ReLU(max_value=6.0, name=name(p))(x)  # tf.nn.relu6; TFLite RELU6
             elif kind == "bn":
                 x = bn(x, op.bns[i], p)
-            elif kind == "pw":
+            elif kind in ("pw", "expand", "project"):
+                # A 1x1 Conv2D whose filters are the kernel's: e x C for expand, C for project.
                 x = conv(x, op.kernels[i], 1, "valid", p)
             elif kind == "conv":
                 x = conv(x, op.kernels[i], s, "same", p)
@@ -290,6 +293,8 @@ def deployable(net):
                 x = sub(x, s, p)
             elif kind == "zero":
                 x = layers_.Rescaling(0.0, name=name(p))(sub(x, s, p + "_sub"))
+            else:
+                raise ValueError(f"deployable() has no layer for step {step!r} of {op.op!r}")
         return x
 
     inputs = keras.Input(tuple(g.input_shape), name="image")

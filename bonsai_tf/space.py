@@ -8,23 +8,34 @@ cannot drift apart.
 
 Primitive steps (the first spatial step carries the operation's stride):
   ("relu",)            ReLU
+  ("relu6",)           ReLU6, min(max(x, 0), 6) (MobileNetV2 / ProxylessNAS)
   ("bn",)              batch norm
   ("pw",)              1x1 convolution, channels -> channels, no bias
+  ("expand", e)        1x1 convolution, channels -> e x channels, no bias
+  ("project", e)       1x1 convolution, e x channels -> channels, no bias
   ("dw", k, d)         k x k depthwise convolution, dilation d, no bias
   ("conv", k)          k x k full convolution, no bias
   ("maxpool", k)       k x k max pooling, 'same' padding
   ("avgpool", k)       k x k average pooling, 'same' padding
   ("identity",)        identity; subsamples when strided
   ("zero",)            zeros (the DARTS 'none' operation)
+
+Every step but "expand" and "project" keeps the width it is given: between an
+("expand", e) and its ("project", e), "dw", "bn", "pw", "conv" and the rest work
+at e x channels. `step_channels` gives each step's input and output width; a
+recipe must end at the width it started with (an operation maps C to C).
 """
 
 import types
 
 SPATIAL_STEPS = frozenset({"dw", "conv", "maxpool", "avgpool", "identity", "zero"})
-STEP_ARITY = {"relu": 0, "bn": 0, "pw": 0, "dw": 2, "conv": 1, "maxpool": 1,
-              "avgpool": 1, "identity": 0, "zero": 0}
+STEP_ARITY = {"relu": 0, "relu6": 0, "bn": 0, "pw": 0, "expand": 1, "project": 1, "dw": 2,
+              "conv": 1, "maxpool": 1, "avgpool": 1, "identity": 0, "zero": 0}
+# Steps that change the width: ("expand", e) multiplies it by e, ("project", e) divides it.
+WIDTH_STEPS = frozenset({"expand", "project"})
 
 _RECIPES = {}
+_WIDTHS = {}
 
 
 def register_op(name, recipe):
@@ -43,8 +54,42 @@ def register_op(name, recipe):
         if len(step) - 1 != STEP_ARITY[step[0]]:
             raise ValueError(f"operation {name!r}: step {step!r} takes {STEP_ARITY[step[0]]} "
                              f"argument(s), got {len(step) - 1}")
+        if step[0] in WIDTH_STEPS and (isinstance(step[1], bool) or not isinstance(step[1], int)
+                                       or step[1] < 1):
+            raise ValueError(f"operation {name!r}: step {step!r} needs a positive int factor, "
+                             f"got {step[1]!r}")
+    _WIDTHS[name] = _widths(name, recipe)
     _RECIPES[name] = recipe
     return recipe
+
+
+def _widths(name, steps):
+    """[(input, output) width of every step] as multiples of the operation's channels."""
+    m, out = 1, []
+    for step in steps:
+        if step[0] == "expand":
+            out.append((m, m * step[1]))
+        elif step[0] == "project":
+            if m % step[1]:
+                raise ValueError(f"operation {name!r}: step {step!r} projects {m}x the "
+                                 f"channels by {step[1]}; expected a width divisible by it")
+            out.append((m, m // step[1]))
+        else:
+            out.append((m, m))
+        m = out[-1][1]
+    if m != 1:
+        raise ValueError(f"operation {name!r}: ends at {m}x its channels; expected a recipe "
+                         f"that projects back to 1x (an operation maps C channels to C)")
+    return tuple(out)
+
+
+def step_channels(name, channels):
+    """((input channels, output channels) of every step) of operation `name` at `channels`.
+
+    What the Keras layer, the memory model and the deployable model size each step by.
+    """
+    recipe(name)  # a clear error for an unknown name
+    return tuple((a * channels, b * channels) for a, b in _WIDTHS[name])
 
 
 def recipe(name):
@@ -80,9 +125,26 @@ register_op("dil_conv_5x5", _dil(5))
 register_op("conv_3x3", (("relu",), ("conv", 3), ("bn",)))
 register_op("conv_1x1", (("relu",), ("pw",), ("bn",)))
 
+
+def _mbconv(k, e):
+    # MobileNetV2 / ProxylessNAS inverted residual without its skip: the cell's edge
+    # sums it with the `identity` candidate, which is that skip. The stride goes on the
+    # depthwise step (the first spatial one), so the expansion runs at full resolution.
+    return (("expand", e), ("bn",), ("relu6",), ("dw", k, 1), ("bn",), ("relu6",),
+            ("project", e), ("bn",))
+
+
+MBCONV_OPS = tuple(f"mbconv_k{k}_e{e}" for k in (3, 5, 7) for e in (3, 6))
+for _k in (3, 5, 7):
+    for _e in (3, 6):
+        register_op(f"mbconv_k{_k}_e{_e}", _mbconv(_k, _e))
+del _k, _e
+
 # Operation sets. BonsaiNet's seven candidates; DARTS's eight (with 'none').
 # 'small' is a cheap set for CPU searches: what is left out costs the most
 # time per step on CPU for the least accuracy in our measurements (README).
+# 'mbconv' is ProxylessNAS's mobile space: inverted residuals (kernel 3/5/7,
+# expansion 3/6) and skip.
 SPACES = types.MappingProxyType({
     "bonsai7": ("identity", "max_pool_3x3", "avg_pool_3x3", "sep_conv_3x3",
                 "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"),
@@ -90,6 +152,7 @@ SPACES = types.MappingProxyType({
                "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"),
     "small": ("identity", "max_pool_3x3", "avg_pool_3x3", "sep_conv_3x3", "dil_conv_3x3",
               "conv_3x3"),
+    "mbconv": ("identity",) + MBCONV_OPS,
 })
 
 

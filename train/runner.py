@@ -37,7 +37,9 @@ flags.DEFINE_enum("strategy", D.strategy, list(config_lib.STRATEGIES),
                   "(annealing and pruning); bayes: BayesNAS (relevance priors, Laplace updates; "
                   "with --genotype it compresses that network); random: random baseline matching "
                   "--genotype; fixed: train --genotype from scratch.")
-flags.DEFINE_string("space", D.space, "Operation set: bonsai7, darts8 or small.")
+flags.DEFINE_string("space", D.space, "Operation set: bonsai7, darts8, small or mbconv "
+                    "(ProxylessNAS's mobile space: inverted residuals, kernel 3/5/7 x "
+                    "expansion 3/6, and skip).")
 flags.DEFINE_integer("scale", D.scale, "Stem channels C.")
 flags.DEFINE_integer("nodes", D.nodes, "Intermediate nodes per cell.")
 flags.DEFINE_integer("stem_stride", D.stem_stride, "Stem stride: 2 halves the resolution.")
