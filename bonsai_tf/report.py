@@ -297,10 +297,7 @@ def _mixing_figure(records, epochs):
     if handles:
         top.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
                    borderaxespad=0.0, frameon=False)
-    bottom = fig.add_subplot(2, 1, 2, sharex=top)
-    ops = _series(records, "operations")
-    bottom.plot(epochs, _nan(ops), color="#2ca02c",
-                marker="o", ms=3.5, label="operations left")
+    bottom = _operations_panel(fig, top, records, epochs)
     taus = _series(records, "tau")
     if any(t is not None for t in taus):
         twin = bottom.twinx()
@@ -308,12 +305,20 @@ def _mixing_figure(records, epochs):
                   ls="--", label="temperature tau")
         twin.set_ylabel("tau")
         twin.legend(fontsize=8, loc="upper right", frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def _operations_panel(fig, top, records, epochs):
+    """The lower panel of the architecture figures: operations left, over epochs."""
+    bottom = fig.add_subplot(2, 1, 2, sharex=top)
+    bottom.plot(epochs, _nan(_series(records, "operations")), color="#2ca02c", marker="o",
+                ms=3.5, label="operations left")
     bottom.set_xlabel("epoch")
     bottom.set_ylabel("operations")
     bottom.grid(True, alpha=0.3)
     bottom.legend(fontsize=8, loc="upper left", frameon=False)
-    fig.tight_layout()
-    return fig
+    return bottom
 
 
 def _gamma_figure(records, epochs, threshold=None):
@@ -342,13 +347,7 @@ def _gamma_figure(records, epochs, threshold=None):
     if handles:
         top.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
                    borderaxespad=0.0, frameon=False)
-    bottom = fig.add_subplot(2, 1, 2, sharex=top)
-    bottom.plot(epochs, _nan(_series(records, "operations")), color="#2ca02c", marker="o",
-                ms=3.5, label="operations left")
-    bottom.set_xlabel("epoch")
-    bottom.set_ylabel("operations")
-    bottom.grid(True, alpha=0.3)
-    bottom.legend(fontsize=8, loc="upper left", frameon=False)
+    _operations_panel(fig, top, records, epochs)
     fig.tight_layout()
     return fig
 

@@ -258,7 +258,8 @@ def test_budget_comes_from_config_json(tmp_path, monkeypatch):
     seen = []
     real = report.metric_figures
     monkeypatch.setattr(report, "metric_figures",
-                        lambda records, budget=None: seen.append(budget) or real(records, budget))
+                        lambda records, budget=None, threshold=None:
+                        seen.append(budget) or real(records, budget, threshold))
     report.write_report(str(run))
     assert seen == [230]
 

@@ -251,16 +251,18 @@ def asap_flags(data, out):
                         asap_beta=0.5, asap_threshold=0.6, arch_lr=0.05, max_patterns=1)
 
 
-def test_asap_killed_mid_search_resumes_to_the_same_result(data, tmp_path):
+def assert_chain_resumes(flags, data, tmp_path, pruned, chain):
+    """A reference run that prunes (`pruned` in its events), then the same command
+    killed at each (fault, epoch it must resume from) of `chain` in turn: the last
+    one, without a fault, must end exactly as the reference did."""
     ref = str(tmp_path / "reference")
-    proc = run(asap_flags(data, ref))
+    proc = run(flags(data, ref))
     assert proc.returncode == 0, tail(proc)
     events = " ".join(e for r in records(ref) for e in r["events"])
-    assert "removed" in events, events  # the kills below land after real pruning
+    assert pruned in events, events  # the kills land after real pruning
     out = str(tmp_path / "run")
-    args = asap_flags(data, out)
-    for fault, resumes_from in (("mid_epoch:3", None), ("mid_epoch:3", 2), ("rebuild", 2),
-                                ("mid_epoch:5", None), (None, 4)):
+    args = flags(data, out)
+    for fault, resumes_from in chain:
         proc = run(args, fault=fault)
         where = f"fault {fault}: {tail(proc)}"
         assert proc.returncode == (KILLED if fault else 0), where
@@ -268,6 +270,12 @@ def test_asap_killed_mid_search_resumes_to_the_same_result(data, tmp_path):
         if resumes_from is not None:
             assert f"resuming {out} at epoch {resumes_from} " in proc.stderr, where
     assert_same_result(out, ref)
+
+
+def test_asap_killed_mid_search_resumes_to_the_same_result(data, tmp_path):
+    assert_chain_resumes(asap_flags, data, tmp_path, "removed",
+                         [("mid_epoch:3", None), ("mid_epoch:3", 2), ("rebuild", 2),
+                          ("mid_epoch:5", None), (None, 4)])
 
 
 # BayesNAS keeps gamma, omega and the Hessians in its state and the switches (and the
@@ -281,20 +289,6 @@ def bayes_flags(data, out):
 
 
 def test_bayes_killed_mid_search_resumes_to_the_same_result(data, tmp_path):
-    ref = str(tmp_path / "reference")
-    proc = run(bayes_flags(data, ref))
-    assert proc.returncode == 0, tail(proc)
-    events = " ".join(e for r in records(ref) for e in r["events"])
-    assert "prune:" in events, events  # the kills below land after real pruning
-    out = str(tmp_path / "run")
-    args = bayes_flags(data, out)
     # Killed before the first pruning, at its rebuild, after it, and then left to finish.
-    for fault, resumes_from in (("mid_epoch:2", None), ("rebuild", 1), ("mid_epoch:4", 1),
-                                (None, 3)):
-        proc = run(args, fault=fault)
-        where = f"fault {fault}: {tail(proc)}"
-        assert proc.returncode == (KILLED if fault else 0), where
-        assert "Traceback" not in proc.stderr, where
-        if resumes_from is not None:
-            assert f"resuming {out} at epoch {resumes_from} " in proc.stderr, where
-    assert_same_result(out, ref)
+    assert_chain_resumes(bayes_flags, data, tmp_path, "prune:",
+                         [("mid_epoch:2", None), ("rebuild", 1), ("mid_epoch:4", 1), (None, 3)])
