@@ -9,8 +9,8 @@ from bonsai_tf import space as space_lib
 
 # The names strategies.get knows (a test keeps the two in step; this module imports
 # no TensorFlow, so the lists cannot be read from the strategies themselves).
-STRATEGIES = ("bonsai", "asap", "bayes", "random", "fixed")
-SEARCHING = ("bonsai", "asap", "bayes")
+STRATEGIES = ("bonsai", "asap", "bayes", "proxyless", "random", "fixed")
+SEARCHING = ("bonsai", "asap", "bayes", "proxyless")
 AUGMENT = ("", "none", "crop", "crop_flip", "crop_flip_cutout")  # data.AUGMENT_POLICIES and ''
 
 
@@ -110,6 +110,8 @@ class RunConfig:
     bayes_hessian: str = "hutchinson"
     bayes_hessian_batches: int = 8
     bayes_warmup_epochs: int = 1
+    # ProxylessNAS (METHODS.md): epochs of weights only, on uniformly drawn paths
+    proxyless_warmup_epochs: int = 1
     # the wall-clock budget of the whole command (0 = none: `epochs` count instead)
     time_budget_minutes: float = 0.0
     search_fraction: float = 0.35  # of the training time under a budget
@@ -127,7 +129,7 @@ class RunConfig:
         ints = ("train_subset", "final_subset", "scale", "nodes", "stem_stride", "max_patterns",
                 "reduction_target", "epochs", "search_epochs", "batch_size", "prune_interval",
                 "cycle_len", "seed", "steps_per_epoch", "bayes_hessian_batches",
-                "bayes_warmup_epochs")
+                "bayes_warmup_epochs", "proxyless_warmup_epochs")
         for name in ints:
             check(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool),
                   name, "an integer")
@@ -184,10 +186,11 @@ class RunConfig:
         check(self.time_budget_minutes >= 0 and math.isfinite(self.time_budget_minutes),
               "time_budget_minutes", ">= 0 (0 = no budget: --epochs count)")
         check(0 < self.search_fraction < 1, "search_fraction", "in (0, 1)")
-        if self.strategy == "asap":
+        if self.strategy in ("asap", "proxyless"):
             # Its architecture steps on held-out batches (first-order bi-level).
-            check(self.val_size != 0, "val_size", "> 0 with strategy=asap (the architecture "
-                  "weights step on the validation split)")
+            check(self.val_size != 0, "val_size", f"> 0 with strategy={self.strategy} (the "
+                  f"architecture weights step on the validation split)")
+        check(self.proxyless_warmup_epochs >= 0, "proxyless_warmup_epochs", ">= 0")
         check(self.steps_per_epoch >= 0, "steps_per_epoch", ">= 0")
         check(self.seed >= 0, "seed", ">= 0")
         check(self.init_weight > 0, "init_weight", "> 0 (gates start open)")

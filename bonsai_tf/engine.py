@@ -206,6 +206,9 @@ class Run:
         if searching and self.strategy.bilevel:
             arch_vars = self.arch_opt.build(arch_vars)
             arch_opt = self.arch_opt
+            # What a strategy does to the architecture right after each of its steps
+            # (ProxylessNAS's alpha rescale), traced into the step.
+            post = self.strategy.after_arch_step(net, arch_vars)
 
             def arch_step(x, y, inputs):
                 # First-order bi-level: the architecture steps on a validation batch
@@ -214,7 +217,11 @@ class Run:
                     _, main, total = total_loss(x, y)
                     if extra is not None:
                         total = total + extra(inputs)
-                arch_opt.apply(tape.gradient(total, arch_vars))
+                grads = tape.gradient(total, arch_vars)
+                old = [tf.identity(v.value) for v in arch_vars] if post is not None else None
+                arch_opt.apply(grads)
+                if post is not None:
+                    post(old)
                 return {"loss": total, "ce": main}
             self.arch_step = tf.function(arch_step, jit_compile=jit,
                                          input_signature=spec + [scalars])

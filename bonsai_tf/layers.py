@@ -42,7 +42,7 @@ def saw_gate_value(w):
     return step + (w - K.stop_gradient(w))
 
 
-MIXINGS = ("saw", "softmax", "switch")
+MIXINGS = ("saw", "softmax", "switch", "binary")
 
 
 def gate_values(pruners, mixing="saw", temperature=None, parent=None):
@@ -525,6 +525,13 @@ class Edge(keras.layers.Layer):
         if self.switched:
             prev = getattr(reuse, "parent", None)
             self.parent = prev if prev is not None else SawGate(1.0, name="g_edge")
+        # ProxylessNAS's binary paths: two operations drawn per step from softmax(alpha),
+        # one of them active; the draws come from this generator (its state is a model
+        # weight, reseeded per epoch by Network.reseed) and the last pair is kept for
+        # the alpha rescale after an architecture step.
+        self.binary = with_pruners and mixing == "binary" and len(ops) > 1
+        self.sampler = keras.random.SeedGenerator(seed, name="sampler") if self.binary else None
+        self.last_pair = None
 
     def by_op(self):
         return {op: (o, p) for op, o, p in zip(self.op_names, self.operations, self.pruners)}
@@ -538,13 +545,69 @@ class Edge(keras.layers.Layer):
         for p in self.pruners + [self.parent]:
             if p is not None and not p.built:
                 p.build()
+        if self.binary and self.last_pair is None:
+            self.last_pair = self.add_weight(name="last_pair", shape=(2,), dtype="int32",
+                                             trainable=False, initializer="zeros")
+
+    def alphas(self):
+        return _tf().stack([p.w.value for p in self.pruners])
+
+    def sample_pair(self):
+        """Two distinct operations drawn from softmax(alpha) (Gumbel top-2, which samples
+        without replacement in proportion to the probabilities), and their renormalised
+        probabilities."""
+        tf = _tf()
+        a = self.alphas()
+        u = keras.random.uniform((len(self.pruners),), minval=1e-6, maxval=1.0 - 1e-6,
+                                 seed=self.sampler)
+        pair = tf.math.top_k(a - tf.math.log(-tf.math.log(u)), 2).indices
+        return pair, tf.nn.softmax(tf.gather(a, pair))
+
+    def _branch(self, index, x, relu_x, gain, training):
+        """Runs only operation `index` (tf.switch_case: the others are not computed)."""
+        tf = _tf()
+
+        def make(op, drop):
+            def branch():
+                y, folded = op.run(x, training, relu_x, gain)
+                if gain is not None and not folded:
+                    y = y * gain
+                if drop is not None and training:
+                    y = y * drop.mask(tf.shape(y)[0])
+                return y
+            return branch
+        return tf.switch_case(index, [make(op, d) for op, d in zip(self.operations, self.drops)])
+
+    def _binary_terms(self, x, training):
+        """ProxylessNAS's two-path binary gates (Cai et al. 2019, METHODS.md).
+
+        Training: a pair S of operations is drawn, one of them active with probability
+        p~ = softmax(alpha_S); g_j = [j active] + p~_j - stop_gradient(p~_j). Forward,
+        the edge outputs the active operation alone; backward, dL/dg_j of both reaches
+        alpha_S through dp~/dalpha: the BinaryConnect estimator over the pair. The
+        inactive one's gain is 0, so its weights get no gradient. Inference: the
+        operation of largest alpha.
+        """
+        tf = _tf()
+        relu_x = tf.nn.relu(x) if sum(op.starts_with_relu for op in self.operations) > 1 else None
+        if not training:
+            return [self._branch(tf.argmax(self.alphas(), output_type=tf.int32), x, relu_x,
+                                 None, training)]
+        pair, p = self.sample_pair()
+        active = tf.cast(keras.random.uniform((), seed=self.sampler) >= p[0], tf.int32)
+        gains = tf.one_hot(active, 2) + p - tf.stop_gradient(p)
+        self.last_pair.assign(pair)
+        return [self._branch(pair[k], x, relu_x, gains[k], training) for k in range(2)]
 
     def terms(self, x, training=None):
         """The gated (and drop-path-masked) output of every operation, to be summed."""
+        if self.binary:
+            return self._binary_terms(x, training)
         tf = _tf()
         relu_x = tf.nn.relu(x) if sum(op.starts_with_relu for op in self.operations) > 1 else None
+        # A binary-path edge left with one operation runs it ungated.
         gains = (gate_values(self.pruners, self.mixing, self.temperature, self.parent)
-                 if self.with_pruners
+                 if self.with_pruners and self.mixing != "binary"
                  else [None] * len(self.operations))
         out = []
         for op, gain, drop in zip(self.operations, gains, self.drops):

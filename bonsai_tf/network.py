@@ -206,6 +206,9 @@ class Network:
                     if drop is not None:
                         drop.seed_generator.state.assign([base * 7919 + k, epoch])
                         k += 1
+                if getattr(edge, "sampler", None) is not None:   # ProxylessNAS's path draws
+                    edge.sampler.state.assign([base * 7919 + 100003 + k, epoch])
+                    k += 1
 
     def count_params(self):
         return int(sum(int(v.numpy().size) for v in self.model.trainable_weights))

@@ -35,7 +35,8 @@ flags.DEFINE_integer("verbose", 1, "0: no progress bars; 1: a progress bar, redr
 flags.DEFINE_enum("strategy", D.strategy, list(config_lib.STRATEGIES),
                   "bonsai: BonsaiNet search (pruning and growth); asap: ASAP search "
                   "(annealing and pruning); bayes: BayesNAS (relevance priors, Laplace updates; "
-                  "with --genotype it compresses that network); random: random baseline matching "
+                  "with --genotype it compresses that network); proxyless: ProxylessNAS (sampled binary "
+                  "paths, BinaryConnect gradients); random: random baseline matching "
                   "--genotype; fixed: train --genotype from scratch.")
 flags.DEFINE_string("space", D.space, "Operation set: bonsai7, darts8, small or mbconv "
                     "(ProxylessNAS's mobile space: inverted residuals, kernel 3/5/7 x "
@@ -90,6 +91,8 @@ flags.DEFINE_integer("bayes_hessian_batches", D.bayes_hessian_batches, "BayesNAS
                      "batches per Laplace update.")
 flags.DEFINE_integer("bayes_warmup_epochs", D.bayes_warmup_epochs, "BayesNAS: epochs that "
                      "train the weights only, switches held at 1.")
+flags.DEFINE_integer("proxyless_warmup_epochs", D.proxyless_warmup_epochs, "ProxylessNAS: "
+                     "epochs that train the weights only, on uniformly drawn paths.")
 flags.DEFINE_string("threads", "auto", "TensorFlow threads as INTER,INTRA, or auto: one op per "
                     "core on machines of up to 4 cores, TensorFlow's default above.")
 flags.DEFINE_float("memory_budget_mb", D.memory_budget_mb, "Training-memory budget (MB) that "

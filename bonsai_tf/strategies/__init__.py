@@ -32,8 +32,9 @@ def names():
 
 
 def _register_builtins():
-    from bonsai_tf.strategies import asap, bayes, bonsai, fixed
-    for cls in (bonsai.BonsaiNet, asap.ASAP, bayes.BayesNAS, fixed.Fixed, fixed.Random):
+    from bonsai_tf.strategies import asap, bayes, bonsai, fixed, proxyless
+    for cls in (bonsai.BonsaiNet, asap.ASAP, bayes.BayesNAS, proxyless.ProxylessNAS,
+                fixed.Fixed, fixed.Random):
         register(cls)
 
 

@@ -99,6 +99,11 @@ class Strategy:
         """Whether the architecture variables step during `epoch` (0-based)."""
         return True
 
+    def after_arch_step(self, net, arch_vars):
+        """None, or a function of the values `arch_vars` had before the step, traced into
+        every architecture step after the optimizer's update (bi-level strategies)."""
+        return None
+
     # ---- between epochs -------------------------------------------------------------
     def begin(self, net, fresh):
         """Called after every (re)build of the network; `fresh` on a new run's first."""

@@ -1,0 +1,120 @@
+"""ProxylessNAS: binary paths sampled per step, BinaryConnect gradients to the alphas
+(Cai, Zhu, Han, ICLR 2019; METHODS.md).
+
+Every edge holds its operations and one architecture weight alpha each; p =
+softmax(alpha). Each training step draws, per edge, a pair of operations from p and
+makes one of them active with probability p~ = softmax(alpha_pair): only those two are
+computed, only the active one reaches the output (`layers.Edge` with mixing "binary").
+The gradient to alpha_pair is BinaryConnect's, dL/dalpha_i = sum_j dL/dg_j p~_j
+(delta_ij - p~_i) over the pair, which a straight-through gate g_j = [j active] + p~_j -
+stop_gradient(p~_j) gives by autodiff. After each alpha step (Adam, on a validation
+batch, first-order bi-level) the pair is rescaled so the probabilities of every other
+operation stay as they were (`rescale_pair`). Warm-up epochs train the weights alone,
+on random paths (all alphas equal). The final network keeps each edge's most probable
+operation.
+"""
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from bonsai_tf import genotype as genotype_lib
+from bonsai_tf import layers as L
+from bonsai_tf.strategies import base
+
+
+def rescale_pair(old, new, pair):
+    """The alphas after a two-path step: the pair's updated values shifted so that the
+    pair's total exp(alpha) is what it was, every other alpha as it was (numpy).
+
+    Then p of every operation outside the pair is unchanged, and the pair shares the
+    probability it had, in the ratio the step gave it.
+    """
+    old, new = np.asarray(old, np.float64), np.asarray(new, np.float64)
+    pair = list(pair)
+    out = old.copy()
+    shift = np.logaddexp.reduce(old[pair]) - np.logaddexp.reduce(new[pair])
+    out[pair] = new[pair] + shift
+    return out
+
+
+def _rescale_pair_tf(old, new, pair):
+    """rescale_pair in TensorFlow, traced into the architecture step."""
+    shift = (tf.reduce_logsumexp(tf.gather(old, pair)) -
+             tf.reduce_logsumexp(tf.gather(new, pair)))
+    in_pair = tf.reduce_sum(tf.one_hot(pair, tf.shape(old)[0]), 0) > 0
+    return tf.where(in_pair, new + shift, old)
+
+
+def binaryconnect_gradient(alphas, dl_dg):
+    """dL/dalpha_i = sum_j dL/dg_j p_j (delta_ij - p_i), p = softmax(alphas) (numpy):
+    the estimator the two-path gates compute over their pair."""
+    a = np.asarray(alphas, np.float64)
+    p = np.exp(a - a.max())
+    p /= p.sum()
+    g = np.asarray(dl_dg, np.float64)
+    return p * g - p * np.dot(p, g)
+
+
+class ProxylessNAS(base.Strategy):
+    name = "proxyless"
+    arch = "binary"
+    bilevel = True
+
+    # ---- structure ---------------------------------------------------------------
+    def initial_genotype(self):
+        cfg, info = self.cfg, self.info
+        # alpha = 0 everywhere: the warm-up draws paths uniformly.
+        return genotype_lib.initial(cfg.space, info.input_shape, info.num_classes, cfg.scale,
+                                    cfg.nodes, cfg.patterns, max(1, info.max_patterns), 0.0,
+                                    stem_stride=cfg.stem_stride)
+
+    def final_genotype(self, net):
+        """The most probable operation of every edge."""
+        g = net.current_genotype()
+        cells = tuple(dataclasses.replace(c, edges=tuple(
+            dataclasses.replace(e, ops=(max(e.ops, key=lambda o: o[1]),)) for e in c.edges))
+            for c in g.cells)
+        return dataclasses.replace(g, cells=cells).canonical()
+
+    # ---- the training step -----------------------------------------------------------
+    def arch_variables(self, net):
+        return [p.w for _, _, _, p in net.gates()]
+
+    def arch_trainable(self, epoch):
+        return epoch >= self.cfg.proxyless_warmup_epochs
+
+    def after_arch_step(self, net, arch_vars):
+        index = {v.path: i for i, v in enumerate(arch_vars)}
+        edges = [(edge, [index[p.w.path] for p in edge.pruners])
+                 for cell in net.cells for edge in cell.edges.values()
+                 if getattr(edge, "binary", False)]
+        if not edges:
+            return None
+
+        def rescale(old):
+            for edge, ids in edges:
+                before = tf.stack([old[i] for i in ids])
+                after = _rescale_pair_tf(before, edge.alphas(), edge.last_pair.value)
+                for k, p in enumerate(edge.pruners):
+                    p.w.assign(after[k])
+        return rescale
+
+    # ---- records ---------------------------------------------------------------------
+    def record(self, net):
+        if not net.with_pruners:
+            return {}
+        g = net.current_genotype()
+        probs, strongest = {}, []
+        for c, cell in enumerate(g.cells):
+            for e in cell.edges:
+                a = np.array([w for _, w in e.ops], np.float64)
+                p = np.exp(a - a.max())
+                p /= p.sum()
+                probs[f"{c}/{L.edge_name(e.src, e.dst)}"] = {
+                    o: round(float(x), 5) for (o, _), x in zip(e.ops, p)}
+                strongest.append(float(p.max()))
+        # The same key ASAP writes: the report draws it as alphas.png.
+        return {"mixing_weights": probs,
+                "strongest_mean": float(np.mean(strongest)) if strongest else None}

@@ -1,0 +1,151 @@
+"""ProxylessNAS as a strategy: two-path binary gates, the BinaryConnect gradient, the alpha
+rescale, only sampled paths run, warm-up, the final argmax and a tiny search."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bonsai_tf import config as config_lib
+from bonsai_tf import engine
+from bonsai_tf import genotype as G
+from bonsai_tf import layers as L
+from bonsai_tf.strategies import proxyless
+
+TINY = dict(strategy="proxyless", space="small", scale=4, nodes=1, patterns=(("n",),),
+            max_patterns=1, batch_size=32, epochs=4, search_epochs=3, lr_max=0.05,
+            arch_lr=0.1, drop_path=0.0, val_size=48, seed=5, measure_memory=False,
+            proxyless_warmup_epochs=1)
+PARAMETER_FREE = ["identity", "max_pool_3x3", "avg_pool_3x3"]
+
+
+def make_run(splits, run_dir, **kw):
+    return engine.Run(config_lib.RunConfig(**{**TINY, **kw}), splits, str(run_dir), verbose=0)
+
+
+def _edge(alphas, ops=PARAMETER_FREE, seed=0):
+    edge = L.Edge(ops, 2, init_weights=alphas, mixing="binary", seed=seed)
+    edge.build((None, 4, 4, 2))
+    return edge
+
+
+def test_binaryconnect_is_the_gradient_of_the_expected_loss_of_a_linear_mix():
+    # With L linear in the gates, L(g) = sum_j g_j c_j, the expected loss over one path
+    # drawn from p = softmax(alpha) is sum_j p_j c_j; BinaryConnect's estimator from
+    # dL/dg_j = c_j is its exact gradient.
+    rng = np.random.RandomState(0)
+    for _ in range(10):
+        a, c = rng.normal(size=5), rng.normal(size=5)
+
+        def expected(a):
+            p = np.exp(a - a.max())
+            return float(np.dot(p / p.sum(), c))
+        eps = 1e-6
+        numeric = np.array([(expected(a + eps * np.eye(5)[i]) - expected(a - eps * np.eye(5)[i]))
+                            / (2 * eps) for i in range(5)])
+        np.testing.assert_allclose(proxyless.binaryconnect_gradient(a, c), numeric, atol=1e-8)
+
+
+def test_the_two_path_gates_give_binaryconnect_over_the_pair():
+    alphas = [0.3, -0.5, 1.1]
+    edge = _edge(alphas)
+    x = tf.constant(np.random.RandomState(1).normal(size=(2, 4, 4, 2)), tf.float32)
+    w = tf.constant(np.random.RandomState(2).normal(size=(2, 4, 4, 2)), tf.float32)
+    outputs = [float(tf.reduce_sum(w * op.run(x)[0])) for op in edge.operations]  # c_j
+    seen = set()
+    for _ in range(12):
+        with tf.GradientTape() as tape:
+            terms = edge.terms(x, training=True)
+            loss = tf.reduce_sum(w * tf.add_n(terms))
+        grads = np.array([float(g) for g in tape.gradient(loss, [p.w for p in edge.pruners])])
+        pair = list(edge.last_pair.numpy())
+        seen.add(tuple(sorted(pair)))
+        want = np.zeros(3)
+        want[pair] = proxyless.binaryconnect_gradient(np.array(alphas)[pair],
+                                                      np.array(outputs)[pair])
+        np.testing.assert_allclose(grads, want, rtol=1e-4, atol=1e-6)
+        # forward: exactly one of the pair reaches the output
+        value = float(loss)
+        assert min(abs(value - outputs[pair[0]]), abs(value - outputs[pair[1]])) < 1e-4
+    assert len(seen) > 1   # the pair is drawn, not fixed
+
+
+def test_only_the_sampled_paths_run():
+    edge = _edge([0.0] * 6, ops=["identity", "max_pool_3x3", "avg_pool_3x3", "sep_conv_3x3",
+                                 "dil_conv_3x3", "conv_3x3"])
+    calls = []
+    for op in edge.operations:
+        run = op.run
+        op.run = (lambda run, name: lambda *a, **k: calls.append(name) or run(*a, **k))(run, op.op)
+    x = tf.zeros((1, 4, 4, 2))
+    edge.terms(x, training=True)      # eager: tf.switch_case runs the chosen branch only
+    assert len(calls) == 2 and len(set(calls)) == 2
+    calls.clear()
+    edge.terms(x, training=False)     # inference: the most probable operation alone
+    assert len(calls) == 1
+
+
+def test_rescale_leaves_the_other_probabilities_unchanged():
+    old = np.array([0.5, -1.0, 2.0, 0.1])
+    new = np.array([0.9, -1.0, 1.2, 0.4])    # a step that moved the pair (0, 2), and 3
+    pair = [0, 2]
+    out = proxyless.rescale_pair(old, new, pair)
+
+    def probs(a):
+        e = np.exp(a - a.max())
+        return e / e.sum()
+    p_old, p_out = probs(old), probs(out)
+    np.testing.assert_allclose(p_out[[1, 3]], p_old[[1, 3]], rtol=1e-12)
+    np.testing.assert_allclose(p_out[pair].sum(), p_old[pair].sum(), rtol=1e-12)
+    # the pair's ratio is the step's
+    np.testing.assert_allclose(p_out[0] / p_out[2], np.exp(new[0] - new[2]), rtol=1e-12)
+    got = proxyless._rescale_pair_tf(tf.constant(old), tf.constant(new), tf.constant(pair))
+    np.testing.assert_allclose(got.numpy(), out, rtol=1e-12)
+
+
+def test_architecture_step_rescales_the_pair(tiny_splits, tmp_path):
+    run = make_run(tiny_splits, tmp_path)
+    run.prepare()
+    edge = next(e for c in run.net.cells for e in c.edges.values() if e.binary)
+    for k, p in enumerate(edge.pruners):
+        p.w.assign(0.1 * k)
+    before = np.array([float(p.w.numpy()) for p in edge.pruners])
+    x, y = next(run._val_batches(1))
+    run.arch_step(x, y, {})
+    after = np.array([float(p.w.numpy()) for p in edge.pruners])
+    pair = list(edge.last_pair.numpy())
+    others = [k for k in range(len(before)) if k not in pair]
+    np.testing.assert_allclose(after[others], before[others])      # untouched
+    assert not np.allclose(after[pair], before[pair])              # the pair stepped
+    np.testing.assert_allclose(np.logaddexp.reduce(after[pair]),
+                               np.logaddexp.reduce(before[pair]), rtol=1e-5)
+
+
+def test_warm_up_and_final_argmax(tiny_splits, tmp_path):
+    cfg = config_lib.RunConfig(**{**TINY, "proxyless_warmup_epochs": 2})
+    s = proxyless.ProxylessNAS(cfg, None)
+    assert [s.arch_trainable(e) for e in range(4)] == [False, False, True, True]
+    run = make_run(tiny_splits, tmp_path)
+    run.prepare()
+    edge = next(e for c in run.net.cells for e in c.edges.values() if e.binary)
+    edge.pruners[2].w.assign(3.0)
+    final = s.final_genotype(run.net)
+    spec = next(e for e in final.cells[0].edges if L.edge_name(e.src, e.dst) == edge.name)
+    assert spec.op_names() == (edge.op_names[2],)
+    assert all(len(e.ops) == 1 for c in final.cells for e in c.edges)
+
+
+@pytest.mark.slow
+def test_tiny_proxyless_search(tiny_splits, tmp_path):
+    metrics = make_run(tiny_splits, tmp_path).run()
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    search = [r for r in records if "strongest_mean" in r]
+    # warm-up: uniform paths; then the alphas move away from uniform
+    assert search[0]["strongest_mean"] == pytest.approx(1 / 6)
+    assert search[-1]["strongest_mean"] > 1 / 6 + 0.01
+    g = G.Genotype.load(str(tmp_path / "genotype.json"))
+    assert all(len(e.ops) == 1 for c in g.cells for e in c.edges)
+    assert g.hash() == metrics["genotype_hash"] and metrics["test_accuracy"] > 0.4
+    assert os.path.exists(tmp_path / "model.keras")
