@@ -184,13 +184,9 @@ def format_table(figures):
 
 def main(argv):
     """Benchmarks --run_dir; returns the exit status (0, or 2 for bad input)."""
-    if not FLAGS.is_parsed():
-        try:
-            argv = FLAGS(list(argv))
-        except flags.Error as e:
-            return cli.error(f"{e}: expected the flags that --help lists")
-    if len(argv) > 1:
-        return cli.error(f"unexpected argument(s) {argv[1:]}: expected only flags")
+    argv, status = cli.parse_argv(FLAGS, argv)
+    if status is not None:
+        return status
     if not FLAGS.run_dir:
         return cli.error("no --run_dir given: expected --run_dir=DIR, the directory of a "
                       "finished run")

@@ -25,6 +25,23 @@ def error(message):
     return EXIT_BAD_INPUT
 
 
+def parse_argv(flag_values, argv, positional=False, example=""):
+    """Parses `argv` into `flag_values` unless app.run already did (a script's main
+    called directly). Returns (argv, None), or (None, exit status) after one error line
+    for a bad flag, or for arguments besides flags when `positional` is False."""
+    from absl import flags
+
+    if not flag_values.is_parsed():
+        try:
+            argv = flag_values(list(argv))
+        except flags.Error as e:
+            return None, error(f"{e}: expected the flags that --help lists")
+    if not positional and len(argv) > 1:
+        return None, error(f"unexpected argument(s) {argv[1:]}: expected only flags"
+                           + (f", such as {example}" if example else ""))
+    return argv, None
+
+
 def flags_parser(flag_values):
     """A `flags_parser` for absl's app.run: a bad flag is one error line and exit 2;
     --help, -h, --helpshort and --helpfull print the flags and exit 0."""

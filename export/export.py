@@ -37,14 +37,9 @@ def main(argv):
 
     Callable directly as main(["export.py", "--run_dir=DIR"]) as well as through app.run.
     """
-    if not FLAGS.is_parsed():
-        try:
-            argv = FLAGS(list(argv))
-        except flags.Error as e:
-            return cli.error(f"{e}: expected the flags that --help lists")
-    if len(argv) > 1:
-        return cli.error(f"unexpected argument(s) {argv[1:]}: expected only flags, such as "
-                      "--run_dir=DIR")
+    argv, status = cli.parse_argv(FLAGS, argv, example="--run_dir=DIR")
+    if status is not None:
+        return status
     if not FLAGS.run_dir:
         return cli.error("no --run_dir given: expected --run_dir=DIR, the directory of a "
                       "finished run")

@@ -38,11 +38,9 @@ def main(argv):
     """
     import numpy as np
 
-    if not FLAGS.is_parsed():
-        try:
-            argv = FLAGS(list(argv))
-        except flags.Error as e:
-            return cli.error(f"{e}: expected the flags that --help lists")
+    argv, status = cli.parse_argv(FLAGS, argv, positional=True)
+    if status is not None:
+        return status
     paths = argv[1:]
     if not FLAGS.model:
         return cli.error("no --model given: expected --model=PATH, a .tflite file or a "
