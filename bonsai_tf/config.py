@@ -112,6 +112,11 @@ class RunConfig:
     bayes_warmup_epochs: int = 1
     # ProxylessNAS (METHODS.md): epochs of weights only, on uniformly drawn paths
     proxyless_warmup_epochs: int = 1
+    # ProxylessNAS's hardware term: w * log(E[latency] / target)^2 with E from the batch-1
+    # TFLite latency table measured on this machine (int8 or float); 0 = no term
+    latency_target_ms: float = 0.0
+    latency_weight: float = 1.0
+    latency_int8: bool = True
     # the wall-clock budget of the whole command (0 = none: `epochs` count instead)
     time_budget_minutes: float = 0.0
     search_fraction: float = 0.35  # of the training time under a budget
@@ -137,6 +142,7 @@ class RunConfig:
                   "drop_path", "aux_weight", "label_smoothing", "lambda_edge", "lambda_input",
                   "memory_budget_mb", "arch_lr", "asap_tau0", "asap_beta", "asap_threshold",
                   "bayes_lambda_edge", "bayes_lambda_op", "bayes_threshold",
+                  "latency_target_ms", "latency_weight",
                   "time_budget_minutes", "search_fraction")
         for name in floats:
             check(isinstance(getattr(self, name), (int, float)) and not isinstance(
@@ -191,6 +197,9 @@ class RunConfig:
             check(self.val_size != 0, "val_size", f"> 0 with strategy={self.strategy} (the "
                   f"architecture weights step on the validation split)")
         check(self.proxyless_warmup_epochs >= 0, "proxyless_warmup_epochs", ">= 0")
+        check(self.latency_target_ms >= 0 and math.isfinite(self.latency_target_ms),
+              "latency_target_ms", ">= 0 (0 = no latency term)")
+        check(self.latency_weight >= 0, "latency_weight", ">= 0")
         check(self.steps_per_epoch >= 0, "steps_per_epoch", ">= 0")
         check(self.seed >= 0, "seed", ">= 0")
         check(self.init_weight > 0, "init_weight", "> 0 (gates start open)")

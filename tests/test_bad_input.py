@@ -155,6 +155,8 @@ FLAG_CASES = [
     (["--bayes_hessian_batches=0"], ["bayes_hessian_batches = 0", ">= 1"]),
     (["--bayes_warmup_epochs=-1"], ["bayes_warmup_epochs = -1", ">= 0"]),
     (["--proxyless_warmup_epochs=-1"], ["proxyless_warmup_epochs = -1", ">= 0"]),
+    (["--latency_target_ms=-2"], ["latency_target_ms = -2.0", ">= 0"]),
+    (["--latency_weight=-1"], ["latency_weight = -1.0", ">= 0"]),
     (["--strategy=proxyless", "--val_size=0"], ["val_size = 0", "with strategy=proxyless"]),
     (["--time_budget_minutes=-5"], ["time_budget_minutes = -5.0", ">= 0"]),
     (["--search_fraction=1"], ["search_fraction = 1.0", "in (0, 1)"]),

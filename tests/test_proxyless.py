@@ -149,3 +149,70 @@ def test_tiny_proxyless_search(tiny_splits, tmp_path):
     assert all(len(e.ops) == 1 for c in g.cells for e in c.edges)
     assert g.hash() == metrics["genotype_hash"] and metrics["test_accuracy"] > 0.4
     assert os.path.exists(tmp_path / "model.keras")
+
+
+# ---- the hardware term ------------------------------------------------------------
+def _with_latencies(run, fast_op="identity", fast=0.1, slow=1.0, fixed=2.0):
+    s, net = run.strategy, run.net
+    s.op_ms = {(c, e.src, e.dst, op): fast if op == fast_op else slow
+               for c, cell in enumerate(net.cells) for e in cell.cell.edges for op, _ in e.ops}
+    s.fixed_ms = fixed
+    return s
+
+
+def test_expected_latency_against_numpy(tiny_splits, tmp_path):
+    run = make_run(tiny_splits, tmp_path)
+    run.prepare()
+    s = _with_latencies(run)
+    rng = np.random.RandomState(3)
+    want = 2.0
+    for a, ms in s.latency_edges(run.net):
+        values = rng.normal(size=len(a))
+        for v, x in zip(a, values):
+            v.assign(float(x))
+        p = np.exp(values - values.max())
+        want += float(np.dot(p / p.sum(), ms))
+    got = float(proxyless.expected_latency(s.latency_edges(run.net), s.fixed_ms))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert s.record(run.net)["expected_latency_ms"] == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("target,faster", [(2.5, True), (50.0, False)])
+def test_the_latency_term_pulls_the_alphas_towards_the_target(tiny_splits, tmp_path, target,
+                                                              faster):
+    run = make_run(tiny_splits, tmp_path, latency_target_ms=target, latency_weight=1.0)
+    run.prepare()
+    s = _with_latencies(run)
+    term = s.loss(run.net)
+    alphas = [a for a, _ in s.latency_edges(run.net)]
+    with tf.GradientTape() as tape:
+        value = term({})
+    grads = tape.gradient(value, [v for a in alphas for v in a])
+    e = float(proxyless.expected_latency(s.latency_edges(run.net), s.fixed_ms))
+    assert float(value) == pytest.approx(np.log(e / target) ** 2, rel=1e-5)
+    # Gradient descent raises the fast operation's alpha when the network is too slow
+    # (target below E), and lowers it when there is latency to spare.
+    fast = [g for g, (c, src, dst, op) in zip(grads, s.op_ms) if op == "identity"]
+    assert fast and all((float(g) < 0) == faster for g in fast)
+
+
+def test_no_latency_term_without_a_target(tiny_splits, tmp_path):
+    run = make_run(tiny_splits, tmp_path)
+    run.prepare()
+    assert run.strategy.loss(run.net) is None and run.strategy.op_ms is None
+
+
+@pytest.mark.slow
+def test_the_latency_table_covers_every_operation_of_the_supernet(tiny_splits, tmp_path,
+                                                                  monkeypatch):
+    import functools
+    from bonsai_tf import latency
+    monkeypatch.setattr(latency, "load_or_build", functools.partial(
+        latency.load_or_build, repeats=3, rounds=1, warmup=1, directory=str(tmp_path / "lat")))
+    run = make_run(tiny_splits, tmp_path / "run", latency_target_ms=1.0)
+    run.prepare()
+    s = run.strategy
+    edges = s.latency_edges(run.net)
+    assert sum(len(ms) for _, ms in edges) == run.net.genotype.num_ops()
+    assert all(m > 0 for _, ms in edges for m in ms) and s.fixed_ms > 0
+    assert "expected_latency_ms" in s.record(run.net)

@@ -93,6 +93,13 @@ flags.DEFINE_integer("bayes_warmup_epochs", D.bayes_warmup_epochs, "BayesNAS: ep
                      "train the weights only, switches held at 1.")
 flags.DEFINE_integer("proxyless_warmup_epochs", D.proxyless_warmup_epochs, "ProxylessNAS: "
                      "epochs that train the weights only, on uniformly drawn paths.")
+flags.DEFINE_float("latency_target_ms", D.latency_target_ms, "ProxylessNAS: batch-1 TFLite "
+                   "latency target on this machine (ms); the expected latency from a table "
+                   "measured here (bench/latency_table.py, cached per machine) enters the loss "
+                   "as --latency_weight * log(E / target)^2. 0: no latency term.")
+flags.DEFINE_float("latency_weight", D.latency_weight, "ProxylessNAS: weight of the latency term.")
+flags.DEFINE_bool("latency_int8", D.latency_int8, "ProxylessNAS: the target is the int8 model's "
+                  "latency (else the float32 model's).")
 flags.DEFINE_string("threads", "auto", "TensorFlow threads as INTER,INTRA, or auto: one op per "
                     "core on machines of up to 4 cores, TensorFlow's default above.")
 flags.DEFINE_float("memory_budget_mb", D.memory_budget_mb, "Training-memory budget (MB) that "

@@ -15,6 +15,7 @@ operation.
 """
 
 import dataclasses
+import logging
 
 import numpy as np
 import tensorflow as tf
@@ -22,6 +23,8 @@ import tensorflow as tf
 from bonsai_tf import genotype as genotype_lib
 from bonsai_tf import layers as L
 from bonsai_tf.strategies import base
+
+log = logging.getLogger("bonsai_tf")
 
 
 def rescale_pair(old, new, pair):
@@ -57,10 +60,69 @@ def binaryconnect_gradient(alphas, dl_dg):
     return p * g - p * np.dot(p, g)
 
 
+def expected_latency(edges, fixed_ms):
+    """E[latency] = fixed_ms + sum over edges of sum_j softmax(alpha)_j * latency_j (TF).
+
+    edges: [(alpha variables, latencies in ms)], one per edge.
+    """
+    total = tf.constant(float(fixed_ms))
+    for alphas, ms in edges:
+        p = tf.nn.softmax(tf.stack([a.value for a in alphas]))
+        total = total + tf.reduce_sum(p * tf.constant(ms, tf.float32))
+    return total
+
+
+def latency_penalty(expected_ms, target_ms, weight):
+    """weight * log(E / target)^2: symmetric, so the search aims at the target from either side."""
+    return weight * tf.square(tf.math.log(expected_ms / target_ms))
+
+
 class ProxylessNAS(base.Strategy):
     name = "proxyless"
     arch = "binary"
     bilevel = True
+
+    def __init__(self, cfg, info):
+        super().__init__(cfg, info)
+        self.op_ms = None        # {(cell, src, dst, op): ms} from the latency table
+        self.fixed_ms = None     # the rest of a one-operation-per-edge network
+
+    # ---- the hardware term ------------------------------------------------------------
+    def _latency_table(self, net):
+        """Per-operation latencies of this supernet, from the table measured on this
+        machine (measured now where the cache lacks entries: bench/latency_table.py)."""
+        from bonsai_tf import latency as latency_lib
+        g = net.genotype
+        q = self.cfg.latency_int8
+        table = latency_lib.load_or_build(g, quantized=q, log=log.info)
+        self.op_ms = latency_lib.edge_latencies(g, table, q)
+        # Every final network has one operation per edge: the fixed parts (stem, adapters,
+        # sums, head, the call itself) are those of such a network.
+        one = self.final_genotype(net)
+        self.fixed_ms = (latency_lib.predict(one, table, q) -
+                         sum(latency_lib.edge_latencies(one, table, q).values()))
+
+    def latency_edges(self, net):
+        edges = []
+        for c, cell in enumerate(net.cells):
+            for e in cell.cell.edges:
+                layer = cell.edges[L.edge_name(e.src, e.dst)]
+                edges.append(([p.w for p in layer.pruners],
+                              [self.op_ms[(c, e.src, e.dst, op)] for op in layer.op_names]))
+        return edges
+
+    def loss(self, net):
+        cfg = self.cfg
+        if cfg.latency_target_ms <= 0 or cfg.latency_weight <= 0:
+            return None
+        if self.op_ms is None:
+            self._latency_table(net)
+        edges, fixed, target, w = (self.latency_edges(net), self.fixed_ms,
+                                   cfg.latency_target_ms, cfg.latency_weight)
+
+        def latency_term(inputs):
+            return latency_penalty(expected_latency(edges, fixed), target, w)
+        return latency_term
 
     # ---- structure ---------------------------------------------------------------
     def initial_genotype(self):
@@ -116,5 +178,9 @@ class ProxylessNAS(base.Strategy):
                     o: round(float(x), 5) for (o, _), x in zip(e.ops, p)}
                 strongest.append(float(p.max()))
         # The same key ASAP writes: the report draws it as alphas.png.
-        return {"mixing_weights": probs,
-                "strongest_mean": float(np.mean(strongest)) if strongest else None}
+        out = {"mixing_weights": probs,
+               "strongest_mean": float(np.mean(strongest)) if strongest else None}
+        if self.op_ms is not None:
+            out["expected_latency_ms"] = float(expected_latency(self.latency_edges(net),
+                                                                self.fixed_ms))
+        return out
