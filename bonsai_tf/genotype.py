@@ -418,6 +418,15 @@ def _without(cell, kind, key):
 
 
 # ---- reading the found network off the gates ---------------------------------
+def strongest_ops(genotype):
+    """`genotype` with only the operation of largest weight on every edge (ASAP's and
+    ProxylessNAS's final network: the weights are their architecture parameters)."""
+    cells = tuple(dataclasses.replace(c, edges=tuple(
+        dataclasses.replace(e, ops=(max(e.ops, key=lambda o: o[1]),)) for e in c.edges))
+        for c in genotype.cells)
+    return dataclasses.replace(genotype, cells=cells).canonical()
+
+
 def open_part(cell):
     """`cell` without the operations and inputs whose gate is closed (weight <= 0).
 

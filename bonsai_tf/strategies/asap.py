@@ -74,11 +74,7 @@ class ASAP(base.Strategy):
 
     def final_genotype(self, net):
         """The strongest operation of every edge (the only one, once the search converged)."""
-        g = net.current_genotype()
-        cells = tuple(dataclasses.replace(c, edges=tuple(
-            dataclasses.replace(e, ops=(max(e.ops, key=lambda o: o[1]),)) for e in c.edges))
-            for c in g.cells)
-        return dataclasses.replace(g, cells=cells).canonical()
+        return genotype_lib.strongest_ops(net.current_genotype())
 
     # ---- the training step -----------------------------------------------------------
     def arch_variables(self, net):

@@ -14,7 +14,6 @@ on random paths (all alphas equal). The final network keeps each edge's most pro
 operation.
 """
 
-import dataclasses
 import logging
 
 import numpy as np
@@ -134,11 +133,7 @@ class ProxylessNAS(base.Strategy):
 
     def final_genotype(self, net):
         """The most probable operation of every edge."""
-        g = net.current_genotype()
-        cells = tuple(dataclasses.replace(c, edges=tuple(
-            dataclasses.replace(e, ops=(max(e.ops, key=lambda o: o[1]),)) for e in c.edges))
-            for c in g.cells)
-        return dataclasses.replace(g, cells=cells).canonical()
+        return genotype_lib.strongest_ops(net.current_genotype())
 
     # ---- the training step -----------------------------------------------------------
     def arch_variables(self, net):
