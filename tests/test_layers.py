@@ -42,7 +42,8 @@ def test_saw_gate_records_and_config_round_trip():
         L.SawGate("big")
 
 
-@pytest.mark.parametrize("op", space_lib.SPACES["bonsai7"] + ("zero", "conv_3x3", "conv_1x1"))
+@pytest.mark.parametrize("op", space_lib.SPACES["bonsai7"] + ("zero", "conv_3x3", "conv_1x1")
+                         + space_lib.MBCONV_OPS)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_operation_shapes_config_and_eager_vs_graph(op, stride):
     layer = L.Operation(op, 4, stride)
@@ -53,7 +54,7 @@ def test_operation_shapes_config_and_eager_vs_graph(op, stride):
     np.testing.assert_allclose(graph(x).numpy(), y.numpy(), rtol=1e-5, atol=1e-5)
     clone = L.Operation.from_config(layer.get_config())
     assert clone.op == op and clone.stride == stride
-    assert len(clone(x).shape) == 4 and len(clone.weights) == len(layer.weights)
+    assert tuple(clone(x).shape) == tuple(y.shape) and len(clone.weights) == len(layer.weights)
 
 
 def test_operation_one_training_step_changes_weights():

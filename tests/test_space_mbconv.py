@@ -76,20 +76,6 @@ def test_operation_variables_of_k5_e6_at_four_channels():
     assert len(layer.trainable_weights) == 3 + 2 * 3
 
 
-@pytest.mark.parametrize("op", MBCONV)
-@pytest.mark.parametrize("stride", [1, 2])
-def test_operation_shapes_config_and_eager_vs_graph(op, stride):
-    layer = L.Operation(op, 4, stride)
-    x = tf.random.normal((2, 7, 7, 4), seed=1)
-    y = layer(x, training=False)
-    assert tuple(y.shape) == ((2, 4, 4, 4) if stride == 2 else (2, 7, 7, 4))
-    graph = tf.function(lambda t: layer(t, training=False))
-    np.testing.assert_allclose(graph(x).numpy(), y.numpy(), rtol=1e-5, atol=1e-5)
-    clone = L.Operation.from_config(layer.get_config())
-    assert clone.op == op and clone.stride == stride
-    assert tuple(clone(x).shape) == tuple(y.shape) and len(clone.weights) == len(layer.weights)
-
-
 def test_stride_two_halves_height_and_width_on_the_depthwise_step():
     layer = L.Operation("mbconv_k3_e6", 4, 2)
     x = 20.0 * tf.random.normal((2, 8, 8, 4), seed=3)   # large enough to saturate ReLU6
