@@ -12,6 +12,9 @@ from bonsai_tf import space as space_lib
 STRATEGIES = ("bonsai", "asap", "bayes", "proxyless", "random", "fixed")
 SEARCHING = ("bonsai", "asap", "bayes", "proxyless")
 AUGMENT = ("", "none", "crop", "crop_flip", "crop_flip_cutout")  # data.AUGMENT_POLICIES and ''
+# ProxylessNAS's gradient to the alphas (strategies/proxyless.py): BinaryConnect through
+# two-path gates, or REINFORCE over one path drawn from the full softmax.
+PROXYLESS_GRADS = ("binaryconnect", "reinforce")
 
 
 class ConfigError(ValueError):
@@ -112,6 +115,7 @@ class RunConfig:
     bayes_warmup_epochs: int = 1
     # ProxylessNAS (METHODS.md): epochs of weights only, on uniformly drawn paths
     proxyless_warmup_epochs: int = 1
+    proxyless_grad: str = "binaryconnect"   # or "reinforce" (PROXYLESS_GRADS)
     # ProxylessNAS's hardware term: w * log(E[latency] / target)^2 with E from the batch-1
     # TFLite latency table measured on this machine (int8 or float); 0 = no term
     latency_target_ms: float = 0.0
@@ -197,6 +201,8 @@ class RunConfig:
             check(self.val_size != 0, "val_size", f"> 0 with strategy={self.strategy} (the "
                   f"architecture weights step on the validation split)")
         check(self.proxyless_warmup_epochs >= 0, "proxyless_warmup_epochs", ">= 0")
+        check(self.proxyless_grad in PROXYLESS_GRADS, "proxyless_grad",
+              f"one of {PROXYLESS_GRADS}")
         check(self.latency_target_ms >= 0 and math.isfinite(self.latency_target_ms),
               "latency_target_ms", ">= 0 (0 = no latency term)")
         check(self.latency_weight >= 0, "latency_weight", ">= 0")

@@ -209,15 +209,20 @@ class Run:
             # What a strategy does to the architecture right after each of its steps
             # (ProxylessNAS's alpha rescale), traced into the step.
             post = self.strategy.after_arch_step(net, arch_vars)
+            arch_term = self.strategy.arch_loss(net)
 
             def arch_step(x, y, inputs):
                 # First-order bi-level: the architecture steps on a validation batch
                 # with the weights held as they are.
                 with tf.GradientTape() as tape:
                     _, main, total = total_loss(x, y)
+                    # Given the network's loss alone: REINFORCE's reward leaves out the
+                    # latency term, which reaches the alphas by its own gradient.
+                    term = arch_term(total, inputs) if arch_term is not None else None
                     if extra is not None:
                         total = total + extra(inputs)
-                grads = tape.gradient(total, arch_vars)
+                # (a list of targets: the gradient of their sum)
+                grads = tape.gradient(total if term is None else [total, term], arch_vars)
                 old = [tf.identity(v.value) for v in arch_vars] if post is not None else None
                 arch_opt.apply(grads)
                 if post is not None:

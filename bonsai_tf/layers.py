@@ -42,7 +42,10 @@ def saw_gate_value(w):
     return step + (w - K.stop_gradient(w))
 
 
-MIXINGS = ("saw", "softmax", "switch", "binary")
+MIXINGS = ("saw", "softmax", "switch", "binary", "reinforce")
+# ProxylessNAS's binary paths (only sampled operations run): "binary" draws a pair per
+# step for BinaryConnect's gradient, "reinforce" one operation for REINFORCE's.
+BINARY_MIXINGS = ("binary", "reinforce")
 
 
 def gate_values(pruners, mixing="saw", temperature=None, parent=None):
@@ -60,6 +63,14 @@ def gate_values(pruners, mixing="saw", temperature=None, parent=None):
     if mixing == "switch":
         return tf.unstack(w * parent.w.value if parent is not None else w)
     return tf.unstack(saw_gate_value(w))
+
+
+def gumbel_max(logits, u):
+    """The index of the largest of logits - log(-log u) along the last axis (int32): with
+    u uniform in (0, 1), a draw from softmax(logits) (the Gumbel-max trick). Vectorised,
+    so many draws at once are one call (tests), one edge's draw another (Edge)."""
+    tf = _tf()
+    return tf.argmax(logits - tf.math.log(-tf.math.log(u)), axis=-1, output_type=tf.int32)
 
 
 def _tf():
@@ -526,12 +537,15 @@ class Edge(keras.layers.Layer):
             prev = getattr(reuse, "parent", None)
             self.parent = prev if prev is not None else SawGate(1.0, name="g_edge")
         # ProxylessNAS's binary paths: two operations drawn per step from softmax(alpha),
-        # one of them active; the draws come from this generator (its state is a model
-        # weight, reseeded per epoch by Network.reseed) and the last pair is kept for
-        # the alpha rescale after an architecture step.
-        self.binary = with_pruners and mixing == "binary" and len(ops) > 1
+        # one of them active ("binary"), or one drawn ("reinforce"); the draws come from
+        # this generator (its state is a model weight, reseeded per epoch by
+        # Network.reseed). The last pair is kept for the alpha rescale after an
+        # architecture step, the last drawn operation for REINFORCE's log-probability.
+        self.binary = with_pruners and mixing in BINARY_MIXINGS and len(ops) > 1
+        self.reinforce = self.binary and mixing == "reinforce"
         self.sampler = keras.random.SeedGenerator(seed, name="sampler") if self.binary else None
         self.last_pair = None
+        self.last_path = None
 
     def by_op(self):
         return {op: (o, p) for op, o, p in zip(self.op_names, self.operations, self.pruners)}
@@ -545,8 +559,11 @@ class Edge(keras.layers.Layer):
         for p in self.pruners + [self.parent]:
             if p is not None and not p.built:
                 p.build()
-        if self.binary and self.last_pair is None:
+        if self.binary and not self.reinforce and self.last_pair is None:
             self.last_pair = self.add_weight(name="last_pair", shape=(2,), dtype="int32",
+                                             trainable=False, initializer="zeros")
+        if self.reinforce and self.last_path is None:
+            self.last_path = self.add_weight(name="last_path", shape=(), dtype="int32",
                                              trainable=False, initializer="zeros")
 
     def alphas(self):
@@ -562,6 +579,12 @@ class Edge(keras.layers.Layer):
                                  seed=self.sampler)
         pair = tf.math.top_k(a - tf.math.log(-tf.math.log(u)), 2).indices
         return pair, tf.nn.softmax(tf.gather(a, pair))
+
+    def sample_path(self):
+        """One operation drawn from softmax(alpha) over all of the edge's operations."""
+        u = keras.random.uniform((len(self.pruners),), minval=1e-6, maxval=1.0 - 1e-6,
+                                 seed=self.sampler)
+        return gumbel_max(self.alphas(), u)
 
     def _branch(self, index, x, relu_x, gain, training):
         """Runs only operation `index` (tf.switch_case: the others are not computed)."""
@@ -587,12 +610,21 @@ class Edge(keras.layers.Layer):
         alpha_S through dp~/dalpha: the BinaryConnect estimator over the pair. The
         inactive one's gain is 0, so its weights get no gradient. Inference: the
         operation of largest alpha.
+
+        With "reinforce" mixing one operation a is drawn from p = softmax(alpha) over the
+        whole edge and runs ungated: the output carries no gradient to the alphas, which
+        learn from the reward through log p(a) instead (strategies/proxyless.py), and a
+        is kept in `last_path` for that.
         """
         tf = _tf()
         relu_x = tf.nn.relu(x) if sum(op.starts_with_relu for op in self.operations) > 1 else None
         if not training:
             return [self._branch(tf.argmax(self.alphas(), output_type=tf.int32), x, relu_x,
                                  None, training)]
+        if self.reinforce:
+            index = self.sample_path()
+            self.last_path.assign(index)
+            return [self._branch(index, x, relu_x, None, training)]
         pair, p = self.sample_pair()
         active = tf.cast(keras.random.uniform((), seed=self.sampler) >= p[0], tf.int32)
         gains = tf.one_hot(active, 2) + p - tf.stop_gradient(p)
@@ -607,7 +639,7 @@ class Edge(keras.layers.Layer):
         relu_x = tf.nn.relu(x) if sum(op.starts_with_relu for op in self.operations) > 1 else None
         # A binary-path edge left with one operation runs it ungated.
         gains = (gate_values(self.pruners, self.mixing, self.temperature, self.parent)
-                 if self.with_pruners and self.mixing != "binary"
+                 if self.with_pruners and self.mixing not in BINARY_MIXINGS
                  else [None] * len(self.operations))
         out = []
         for op, gain, drop in zip(self.operations, gains, self.drops):

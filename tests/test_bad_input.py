@@ -155,6 +155,7 @@ FLAG_CASES = [
     (["--bayes_hessian_batches=0"], ["bayes_hessian_batches = 0", ">= 1"]),
     (["--bayes_warmup_epochs=-1"], ["bayes_warmup_epochs = -1", ">= 0"]),
     (["--proxyless_warmup_epochs=-1"], ["proxyless_warmup_epochs = -1", ">= 0"]),
+    (["--proxyless_grad=darts"], ["--proxyless_grad=darts", "binaryconnect|reinforce"]),
     (["--latency_target_ms=-2"], ["latency_target_ms = -2.0", ">= 0"]),
     (["--latency_weight=-1"], ["latency_weight = -1.0", ">= 0"]),
     (["--strategy=proxyless", "--val_size=0"], ["val_size = 0", "with strategy=proxyless"]),
@@ -196,7 +197,7 @@ FLAG_CASES = [
 
 # Messages (absl's, genotype.py's) that name the expectation in other words, which
 # the fragments of these cases check: "Did you mean", "must be", "should be one of".
-OTHER_WORDS = {"--scael=3", '--patterns=[["r"]]', "--strategy=greedy"}
+OTHER_WORDS = {"--scael=3", '--patterns=[["r"]]', "--strategy=greedy", "--proxyless_grad=darts"}
 
 
 def _case_id(case):

@@ -1,5 +1,6 @@
 """ProxylessNAS as a strategy: two-path binary gates, the BinaryConnect gradient, the alpha
-rescale, only sampled paths run, warm-up, the final argmax and a tiny search."""
+rescale, only sampled paths run, warm-up, the final argmax and a tiny search; the
+REINFORCE variant's estimator, baseline, checkpointed state and a tiny search."""
 
 import json
 import os
@@ -149,6 +150,176 @@ def test_tiny_proxyless_search(tiny_splits, tmp_path):
     assert all(len(e.ops) == 1 for c in g.cells for e in c.edges)
     assert g.hash() == metrics["genotype_hash"] and metrics["test_accuracy"] > 0.4
     assert os.path.exists(tmp_path / "model.keras")
+
+
+# ---- REINFORCE ----------------------------------------------------------------------
+def _softmax(a):
+    e = np.exp(a - a.max())
+    return e / e.sum()
+
+
+def _toy(seed=0, k=5):
+    """alphas and a fixed reward per choice, and d E[R] / d alpha for E[R] = sum_i p_i R_i."""
+    rng = np.random.RandomState(seed)
+    alphas, rewards = rng.normal(size=k), 1.0 + 2.0 * rng.normal(size=k)
+    p = _softmax(alphas)
+    return alphas, rewards, p, p * rewards - p * np.dot(p, rewards)
+
+
+def _reinforce_mean(alphas, rewards, baseline, n, seed):
+    """The mean over n draws of the REINFORCE estimate of d E[R] / d alpha, drawn and
+    computed by the functions the edges and the strategy use."""
+    a = tf.Variable(alphas, dtype=tf.float64)
+    u = tf.random.stateless_uniform((n, len(alphas)), seed=(seed, 7), minval=1e-6,
+                                    maxval=1.0 - 1e-6, dtype=tf.float64)
+    index = L.gumbel_max(tf.constant(alphas, tf.float64), u)
+    advantage = tf.gather(tf.constant(rewards, tf.float64), index) - baseline
+    with tf.GradientTape() as tape:
+        surrogate = proxyless.reinforce_surrogate(a, index, advantage)
+    # The surrogate is a loss (the arch step descends it): minus its gradient ascends E[R].
+    return -tape.gradient(surrogate, a).numpy() / n, index.numpy()
+
+
+def _standard_error(rewards, p, baseline, n):
+    """Per coordinate, the standard error of a mean of n single-draw estimates, from the
+    estimator's exact variance: the draw a has probability p_a and gives
+    (R_a - b) (onehot(a) - p)."""
+    per_draw = (rewards - baseline)[:, None] * (np.eye(len(p)) - p)
+    mean = p @ per_draw
+    return np.sqrt((p @ per_draw ** 2 - mean ** 2) / n), mean
+
+
+# N = 40000 draws; by the central limit theorem each coordinate of the mean estimate is
+# off the expectation by ~N(0, SE^2), so 4 SE holds for all 5 coordinates with
+# probability > 0.9997 (and the seed is fixed: the test is deterministic). SE is at most
+# ~0.003 against gradients up to ~0.4, and a biased estimator fails by many SE (measured:
+# one without the -p term by 11-150 SE, a baseline that does not cancel by up to 17 SE).
+N_DRAWS = 40000
+
+
+def test_gumbel_max_draws_from_the_softmax():
+    alphas, _, p, _ = _toy()
+    _, index = _reinforce_mean(alphas, np.zeros(5), 0.0, N_DRAWS, seed=1)
+    freq = np.bincount(index, minlength=5) / N_DRAWS
+    assert np.all(np.abs(freq - p) < 4 * np.sqrt(p * (1 - p) / N_DRAWS)), (freq, p)
+
+
+def test_reinforce_gives_an_unbiased_mean_on_a_toy_problem():
+    alphas, rewards, p, exact = _toy()
+    got, _ = _reinforce_mean(alphas, rewards, 0.0, N_DRAWS, seed=2)
+    se, mean = _standard_error(rewards, p, 0.0, N_DRAWS)
+    np.testing.assert_allclose(mean, exact, atol=1e-12)     # the estimator's expectation
+    assert np.all(np.abs(got - exact) < 4 * se), (got, exact, se)
+
+
+@pytest.mark.parametrize("baseline", ["expected", 5.0, -3.0])
+def test_a_baseline_does_not_change_the_expectation(baseline):
+    alphas, rewards, p, exact = _toy(seed=3)
+    b = float(np.dot(p, rewards)) if baseline == "expected" else baseline
+    se, mean = _standard_error(rewards, p, b, N_DRAWS)
+    np.testing.assert_allclose(mean, exact, atol=1e-12)     # exactly, for any constant b
+    got, _ = _reinforce_mean(alphas, rewards, b, N_DRAWS, seed=4)
+    assert np.all(np.abs(got - exact) < 4 * se), (got, exact, se)
+    # On the same draws the baseline only adds -b * mean(onehot(a) - p), of expectation 0.
+    without, _ = _reinforce_mean(alphas, rewards, 0.0, N_DRAWS, seed=4)
+    se_shift = abs(b) * np.sqrt(p * (1 - p) / N_DRAWS)
+    assert np.all(np.abs(got - without) < 4 * se_shift + 1e-12)
+
+
+def _reinforce_run(splits, run_dir, **kw):
+    run = make_run(splits, run_dir, proxyless_grad="reinforce", **kw)
+    run.prepare()
+    return run
+
+
+def test_reinforce_edges_draw_one_path_from_the_full_softmax(tiny_splits, tmp_path):
+    run = _reinforce_run(tiny_splits, tmp_path)
+    edges = [e for c in run.net.cells for e in c.edges.values() if e.binary]
+    assert edges and all(e.reinforce and e.last_pair is None for e in edges)
+    edge = L.Edge(PARAMETER_FREE, 2, init_weights=[0.0, 0.0, 0.0], mixing="reinforce", seed=1)
+    edge.build((None, 4, 4, 2))
+    x = tf.constant(np.random.RandomState(1).normal(size=(2, 4, 4, 2)), tf.float32)
+    outputs = [op.run(x)[0].numpy() for op in edge.operations]
+    seen = set()
+    for _ in range(12):
+        with tf.GradientTape() as tape:
+            terms = edge.terms(x, training=True)
+            loss = tf.reduce_sum(terms[0])
+        assert len(terms) == 1
+        a = int(edge.last_path.numpy())
+        seen.add(a)
+        np.testing.assert_allclose(terms[0].numpy(), outputs[a], atol=1e-6)   # ungated
+        # the output carries no gradient to the alphas: REINFORCE's comes from the reward
+        assert all(g is None for g in tape.gradient(loss, [p.w for p in edge.pruners]))
+    assert len(seen) > 1
+
+
+def test_the_reinforce_term_is_the_score_times_the_advantage(tiny_splits, tmp_path):
+    run = _reinforce_run(tiny_splits, tmp_path)
+    s, net = run.strategy, run.net
+    assert s.after_arch_step(net, s.arch_variables(net)) is None   # no pair to rescale
+    term = s.arch_loss(net)
+    edges = [e for c in net.cells for e in c.edges.values() if e.reinforce]
+    rng = np.random.RandomState(0)
+    for e in edges:
+        for p in e.pruners:
+            p.w.assign(rng.normal())
+    x, y = next(run._val_batches(1))
+    alphas = [p.w for e in edges for p in e.pruners]
+    baselines = []
+    for step in range(3):
+        b_before = float(s.baseline.numpy())
+        with tf.GradientTape() as tape:
+            logits = run.net.model(x, training=True)
+            logits = logits[0] if isinstance(logits, (list, tuple)) else logits
+            loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(
+                y, logits, from_logits=True))
+            value = term(loss, {})
+        grads = tape.gradient(value, alphas)
+        reward = -float(loss)
+        b = reward if step == 0 else b_before   # the first reward is its own baseline
+        want = []
+        for e in edges:
+            p = _softmax(np.array([float(w.numpy()) for w in (q.w for q in e.pruners)]))
+            want += list(-(reward - b) * (np.eye(len(p))[int(e.last_path.numpy())] - p))
+        np.testing.assert_allclose([float(g) for g in grads], want, rtol=1e-4, atol=1e-7)
+        # then b moves on by this reward
+        np.testing.assert_allclose(float(s.baseline.numpy()),
+                                   proxyless.REINFORCE_BASELINE_DECAY * b +
+                                   (1 - proxyless.REINFORCE_BASELINE_DECAY) * reward, rtol=1e-5)
+        assert float(s.rewards_seen.numpy()) == step + 1
+        baselines.append(float(s.baseline.numpy()))
+    # the baseline and its count are the strategy's checkpointed state, exactly
+    state = json.loads(json.dumps(s.state()))
+    other = proxyless.ProxylessNAS(run.cfg, None)
+    other.load_state(state)
+    assert float(other.baseline.numpy()) == baselines[-1]
+    assert float(other.rewards_seen.numpy()) == 3.0
+    with pytest.raises(ValueError, match="expected \\['reinforce_baseline', 'reinforce_rewards'\\]"):
+        other.load_state({"baseline": 1.0})
+    # BinaryConnect keeps no state (its checkpoints are as before)
+    assert proxyless.ProxylessNAS(config_lib.RunConfig(**TINY), None).state() == {}
+
+
+def test_proxyless_grad_is_one_of_the_two():
+    assert config_lib.RunConfig().proxyless_grad == "binaryconnect"
+    with pytest.raises(config_lib.ConfigError, match="proxyless_grad = 'darts'; expected one "
+                                                     "of \\('binaryconnect', 'reinforce'\\)"):
+        config_lib.RunConfig(**{**TINY, "proxyless_grad": "darts"})
+
+
+@pytest.mark.slow
+def test_tiny_reinforce_search(tiny_splits, tmp_path):
+    metrics = make_run(tiny_splits, tmp_path, proxyless_grad="reinforce").run()
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    search = [r for r in records if "strongest_mean" in r]
+    assert search[0]["strongest_mean"] == pytest.approx(1 / 6)   # warm-up: uniform paths
+    assert search[-1]["strongest_mean"] > 1 / 6 + 0.01           # then the alphas move
+    # the baseline follows the reward, -(validation loss) of the drawn networks
+    assert search[0]["reward_baseline"] == 0.0 and search[-1]["reward_baseline"] < 0
+    g = G.Genotype.load(str(tmp_path / "genotype.json"))
+    assert all(len(e.ops) == 1 for c in g.cells for e in c.edges)
+    assert g.hash() == metrics["genotype_hash"]
 
 
 # ---- the hardware term ------------------------------------------------------------

@@ -292,3 +292,24 @@ def test_bayes_killed_mid_search_resumes_to_the_same_result(data, tmp_path):
     # Killed before the first pruning, at its rebuild, after it, and then left to finish.
     assert_chain_resumes(bayes_flags, data, tmp_path, "prune:",
                          [("mid_epoch:2", None), ("rebuild", 1), ("mid_epoch:4", 1), (None, 3)])
+
+
+# ProxylessNAS keeps its alphas in the model, their Adam slots in the architecture
+# optimizer, and draws its paths from per-edge generators reseeded per epoch; with
+# REINFORCE also the reward baseline (strategy state). Epoch 1 is the warm-up, epochs
+# 2-4 step the alphas, and the search ends after epoch 4 with each edge's argmax.
+def proxyless_flags(grad):
+    def flags(data, out):
+        return search_flags(data, out, strategy="proxyless", memory_budget_mb=0,
+                            max_patterns=1, arch_lr=0.05, proxyless_warmup_epochs=1,
+                            proxyless_grad=grad)
+    return flags
+
+
+@pytest.mark.parametrize("grad", ["binaryconnect", "reinforce"])
+def test_proxyless_killed_mid_search_resumes_to_the_same_result(data, tmp_path, grad):
+    # Killed in the first alpha-stepping epoch, in the next one, in final training, and
+    # then left to finish; nothing is pruned, so the reference need only end its search.
+    assert_chain_resumes(proxyless_flags(grad), data, tmp_path, "final network",
+                         [("mid_epoch:2", None), ("mid_epoch:3", 1), ("mid_epoch:5", 2),
+                          (None, 4)])

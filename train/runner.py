@@ -93,6 +93,11 @@ flags.DEFINE_integer("bayes_warmup_epochs", D.bayes_warmup_epochs, "BayesNAS: ep
                      "train the weights only, switches held at 1.")
 flags.DEFINE_integer("proxyless_warmup_epochs", D.proxyless_warmup_epochs, "ProxylessNAS: "
                      "epochs that train the weights only, on uniformly drawn paths.")
+flags.DEFINE_enum("proxyless_grad", D.proxyless_grad, list(config_lib.PROXYLESS_GRADS),
+                  "ProxylessNAS: the alphas' gradient. binaryconnect: two operations drawn per "
+                  "edge, one active, BinaryConnect's gradient over the pair and the pair's "
+                  "rescale; reinforce: one operation drawn per edge from the full softmax, "
+                  "REINFORCE with reward -(validation loss) and a moving-average baseline.")
 flags.DEFINE_float("latency_target_ms", D.latency_target_ms, "ProxylessNAS: batch-1 TFLite "
                    "latency target on this machine (ms); the expected latency from a table "
                    "measured here (bench/latency_table.py, cached per machine) enters the loss "

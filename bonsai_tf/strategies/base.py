@@ -13,7 +13,10 @@ A strategy answers six questions:
                               per operation, mixed by softmax(w / temperature) per
                               edge, ASAP), or "none" (a fixed network).
   the extra loss terms        `loss(net)` returns a function of the step inputs
-                              (`step_inputs`) traced into the training step.
+                              (`step_inputs`) traced into the training step;
+                              `arch_loss(net)` one of the network's loss and the step
+                              inputs, traced into the architecture step only (bi-level:
+                              a score-function surrogate such as REINFORCE's).
   which variables step where  `arch_variables(net)`; with `bilevel` they step on the
                               validation split with their own optimizer (first-order),
                               else with the weights on the training split, in the
@@ -90,6 +93,13 @@ class Strategy:
 
     def loss(self, net):
         """A function of the step inputs (dict of scalar tensors) giving the extra loss."""
+        return None
+
+    def arch_loss(self, net):
+        """None, or a function of (the network's loss on the architecture batch, the step
+        inputs) whose value is added to the architecture step's loss (bi-level strategies):
+        a term for gradients that do not flow through the network, as REINFORCE's. It is
+        given the loss before `loss(net)`'s extra terms."""
         return None
 
     def arch_variables(self, net):

@@ -12,6 +12,22 @@ batch, first-order bi-level) the pair is rescaled so the probabilities of every 
 operation stay as they were (`rescale_pair`). Warm-up epochs train the weights alone,
 on random paths (all alphas equal). The final network keeps each edge's most probable
 operation.
+
+With `proxyless_grad="reinforce"` the alphas learn by REINFORCE instead (the paper's
+variant for objectives without a gradient). The policy is the full softmax of each
+edge: every step draws one operation a ~ p = softmax(alpha) per edge (Gumbel-max,
+`layers.gumbel_max`) and runs it alone, ungated (`layers.Edge` with mixing
+"reinforce"). Not the pair of the BinaryConnect variant: REINFORCE needs no second
+candidate to compare with, its log p(a) is that of the whole edge, and the score
+d log p(a) / d alpha = onehot(a) - p moves every alpha of the edge in a way whose
+expectation is the gradient of the expected reward, so there is no pair to rescale
+afterwards. The reward is R = -(the sampled network's loss on the architecture batch);
+the alpha gradient is -(R - b) * sum over edges of d log p_e(a_e) / d alpha
+(`reinforce_surrogate`), b a moving average of earlier rewards
+(`REINFORCE_BASELINE_DECAY`), which lowers the variance and, not depending on this
+step's draw, leaves the expectation as it is. A latency target keeps its differentiable
+term log(E[latency] / target)^2 in the loss: REINFORCE is only for the sampled path,
+whose loss has no gradient to the alphas here.
 """
 
 import logging
@@ -24,6 +40,11 @@ from bonsai_tf import layers as L
 from bonsai_tf.strategies import base
 
 log = logging.getLogger("bonsai_tf")
+
+# The reward baseline's moving-average decay, b <- 0.9 b + 0.1 R: it follows about the
+# last ten architecture steps, so it tracks the reward as the weights improve within an
+# epoch while still averaging out single batches.
+REINFORCE_BASELINE_DECAY = 0.9
 
 
 def rescale_pair(old, new, pair):
@@ -59,6 +80,19 @@ def binaryconnect_gradient(alphas, dl_dg):
     return p * g - p * np.dot(p, g)
 
 
+def reinforce_surrogate(alphas, index, advantage):
+    """-sum over draws of advantage * log softmax(alphas)[index] (TF): a loss whose
+    gradient to the alphas is REINFORCE's estimate of -d E[R] / d alpha,
+    -(R - b) * (onehot(index) - softmax(alphas)), for the draws `index` of
+    softmax(alphas) with advantages R - b (no gradient flows into the advantages).
+
+    alphas: (K,); index and advantage: scalars (one edge's draw in a step), or (N,)
+    each (N draws: their sum).
+    """
+    log_p = tf.nn.log_softmax(alphas)
+    return -tf.reduce_sum(tf.stop_gradient(advantage) * tf.gather(log_p, index))
+
+
 def expected_latency(edges, fixed_ms):
     """E[latency] = fixed_ms + sum over edges of sum_j softmax(alpha)_j * latency_j (TF).
 
@@ -85,6 +119,12 @@ class ProxylessNAS(base.Strategy):
         super().__init__(cfg, info)
         self.op_ms = None        # {(cell, src, dst, op): ms} from the latency table
         self.fixed_ms = None     # the rest of a one-operation-per-edge network
+        self.reinforce = cfg.proxyless_grad == "reinforce"
+        self.arch = "reinforce" if self.reinforce else "binary"
+        # REINFORCE's baseline and the number of rewards it has seen: variables, so the
+        # traced architecture step updates them; checkpointed through state().
+        self.baseline = tf.Variable(0.0, trainable=False, name="reinforce_baseline")
+        self.rewards_seen = tf.Variable(0.0, trainable=False, name="reinforce_rewards")
 
     # ---- the hardware term ------------------------------------------------------------
     def _latency_table(self, net):
@@ -142,7 +182,33 @@ class ProxylessNAS(base.Strategy):
     def arch_trainable(self, epoch):
         return epoch >= self.cfg.proxyless_warmup_epochs
 
+    def arch_loss(self, net):
+        """REINFORCE's surrogate over every sampled edge, from the network's loss on the
+        architecture batch; it also moves the baseline on by this step's reward."""
+        edges = [edge for cell in net.cells for edge in cell.edges.values()
+                 if getattr(edge, "reinforce", False)]
+        if not self.reinforce or not edges:
+            return None
+        baseline, seen, decay = self.baseline, self.rewards_seen, REINFORCE_BASELINE_DECAY
+
+        def reinforce_term(net_loss, inputs):
+            reward = -tf.stop_gradient(net_loss)
+            # The first reward is its own baseline (advantage 0): from b = 0 the first
+            # advantages would be the whole loss, a large push against every drawn
+            # operation that only the drift of the baseline would undo.
+            b = tf.where(seen > 0, baseline.read_value(), reward)
+            advantage = reward - b
+            term = tf.add_n([reinforce_surrogate(edge.alphas(), edge.last_path.value,
+                                                 advantage) for edge in edges])
+            # After the advantage: b must not depend on this step's draw (unbiasedness).
+            baseline.assign(decay * b + (1.0 - decay) * reward)
+            seen.assign_add(1.0)
+            return term
+        return reinforce_term
+
     def after_arch_step(self, net, arch_vars):
+        if self.reinforce:
+            return None   # the full softmax is the policy: no pair to rescale
         index = {v.path: i for i, v in enumerate(arch_vars)}
         edges = [(edge, [index[p.w.path] for p in edge.pruners])
                  for cell in net.cells for edge in cell.edges.values()
@@ -178,4 +244,25 @@ class ProxylessNAS(base.Strategy):
         if self.op_ms is not None:
             out["expected_latency_ms"] = float(expected_latency(self.latency_edges(net),
                                                                 self.fixed_ms))
+        if self.reinforce:
+            out["reward_baseline"] = float(self.baseline.numpy())
         return out
+
+    # ---- checkpoints ----------------------------------------------------------------
+    STATE_KEYS = ("reinforce_baseline", "reinforce_rewards")
+
+    def state(self):
+        if not self.reinforce:
+            return {}
+        # float32 -> float -> JSON and back is exact: a resumed run goes on with the same b.
+        return {"reinforce_baseline": float(self.baseline.numpy()),
+                "reinforce_rewards": int(self.rewards_seen.numpy())}
+
+    def load_state(self, state):
+        if not self.reinforce:
+            return super().load_state(state)
+        if sorted(state) != sorted(self.STATE_KEYS):
+            raise ValueError(f"proxyless strategy state has keys {sorted(state)}; expected "
+                             f"{sorted(self.STATE_KEYS)} (proxyless_grad=reinforce)")
+        self.baseline.assign(float(state["reinforce_baseline"]))
+        self.rewards_seen.assign(float(state["reinforce_rewards"]))
