@@ -32,17 +32,21 @@ flags.DEFINE_string("pattern_spec", '[["n","na"],["r"]]', "Pattern list (JSON)."
 flags.DEFINE_integer("batch", 64, "Batch size.")
 flags.DEFINE_integer("steps", 5, "Timed steps per configuration (after 2 warm-up steps).")
 flags.DEFINE_bool("jit_compile", False, "Compile the step with XLA.")
+flags.DEFINE_enum("graph_optimizer", "auto", ["auto", "on", "off"],
+                  "TensorFlow's graph optimizer (Grappler), as --graph_optimizer of search.py.")
 flags.DEFINE_string("out", "bench/results/step_throughput.json", "Where to write the figures.")
 FLAGS = flags.FLAGS
 
 
-def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps, jit):
+def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps, jit,
+                graph_optimizer="auto"):
     import numpy as np
     import tensorflow as tf
     from bonsai_tf import config as config_lib
     from bonsai_tf import data as data_lib
     from bonsai_tf import engine
     from bonsai_tf import genotype as genotype_lib
+    from bonsai_tf import machine
     from bonsai_tf import memory as memory_lib
 
     h, w, c = shape
@@ -54,7 +58,8 @@ def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps
     splits = data_lib.Splits(train=(x, y), val=(x[:0], y[:0]), test=(x, y), info=info)
     cfg = config_lib.RunConfig(scale=scale, nodes=nodes, space=space, patterns=pattern_spec,
                                batch_size=batch, epochs=1, search_epochs=1, jit_compile=jit,
-                               drop_path=0.3, measure_memory=False)
+                               drop_path=0.3, measure_memory=False,
+                               graph_optimizer=graph_optimizer)
     run = engine.Run(cfg, splits, "/tmp/bench_step_unused", verbose=0)
     g = run.strategy.initial_genotype()
     while genotype_lib.num_patterns(g) < patterns:
@@ -63,8 +68,12 @@ def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps
     run._set_lrs(0)
     xb, yb = tf.constant(x, tf.float32), tf.constant(y, tf.int64)
     inputs = {"aim": tf.constant(0.5), "pressure": tf.constant(1.0)}
-    for _ in range(2):
-        run.train_step(xb, yb, inputs)["loss"].numpy()
+    # The first step traces and optimises the graph: what a search pays again after
+    # every structural change.
+    started = time.perf_counter()
+    run.train_step(xb, yb, inputs)["loss"].numpy()
+    first = time.perf_counter() - started
+    run.train_step(xb, yb, inputs)["loss"].numpy()
     times = []
     for _ in range(steps):
         t = time.perf_counter()
@@ -77,6 +86,8 @@ def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps
             "space": space, "cells": len(g.cells), "operations": g.num_ops(), "batch": batch,
             "params": run.net.count_params(), "seconds_per_step": step,
             "images_per_second": batch / step, "jit_compile": jit,
+            "first_step_seconds": first, "graph_optimizer": graph_optimizer,
+            "graph_optimizer_on": machine.graph_optimizer_on(graph_optimizer, bool(machine.gpus())),
             "memory_estimate_mb": memory_lib.estimate(g, batch)["mb"],
             "memory_measured_mb": measured.mb, "memory_measured_source": measured.source}
 
@@ -95,10 +106,10 @@ def main(argv):
             for n in FLAGS.patterns:
                 r = time_config(int(scale), int(n), shape, FLAGS.nodes, FLAGS.space,
                                 _json.loads(FLAGS.pattern_spec), FLAGS.batch, FLAGS.steps,
-                                FLAGS.jit_compile)
+                                FLAGS.jit_compile, FLAGS.graph_optimizer)
                 print(f"{'x'.join(map(str, shape)):>8} scale {r['scale']:>3} patterns {n} cells "
                       f"{r['cells']} ops {r['operations']:>4}: {r['seconds_per_step']:.3f} s/step, "
-                      f"{r['images_per_second']:.0f} img/s, memory est {r['memory_estimate_mb']:.0f} MB "
+                      f"{r['images_per_second']:.0f} img/s, first step {r['first_step_seconds']:.1f} s, memory est {r['memory_estimate_mb']:.0f} MB "
                       f"measured {r['memory_measured_mb'] or float('nan'):.0f} MB", flush=True)
                 results.append(r)
                 tf.keras.backend.clear_session()

@@ -5,6 +5,7 @@ import json
 import math
 
 from bonsai_tf import genotype as genotype_lib
+from bonsai_tf import machine
 from bonsai_tf import space as space_lib
 
 # The names strategies.get knows (a test keeps the two in step; this module imports
@@ -128,6 +129,7 @@ class RunConfig:
     seed: int = 0
     deterministic: bool = False
     jit_compile: bool = False
+    graph_optimizer: str = "auto"   # Grappler: auto (off without a GPU), on, off
     steps_per_epoch: int = 0       # 0 = one pass over the training data
     measure_memory: bool = True
 
@@ -158,6 +160,8 @@ class RunConfig:
             object.__setattr__(self, "search_epochs", 0)
         object.__setattr__(self, "val_size", _val_size(self.val_size))
         check(self.augment in AUGMENT, "augment", f"one of {AUGMENT} ('' = the dataset's default)")
+        check(self.graph_optimizer in machine.GRAPH_OPTIMIZER_CHOICES, "graph_optimizer",
+              f"one of {machine.GRAPH_OPTIMIZER_CHOICES}")
         check(self.space in space_lib.SPACES, "space", f"one of {sorted(space_lib.SPACES)}")
         check(self.scale >= 1, "scale", ">= 1")
         check(1 <= self.nodes <= 16, "nodes", "in [1, 16]")
@@ -251,7 +255,7 @@ class RunConfig:
         return cls(**d)
 
     # Fields that do not change what a run computes: a resumed run may differ in them.
-    NON_IDENTITY = ("measure_memory", "jit_compile", "data_dir")
+    NON_IDENTITY = ("measure_memory", "jit_compile", "graph_optimizer", "data_dir")
 
     def identity(self):
         d = self.to_dict()

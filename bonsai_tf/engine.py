@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from bonsai_tf import budget as budget_lib
 from bonsai_tf import genotype as genotype_lib
+from bonsai_tf import machine
 from bonsai_tf import memory as memory_lib
 from bonsai_tf import network as network_lib
 from bonsai_tf import optim
@@ -55,6 +56,9 @@ class State:
     genotype: dict = None                # the current network
     group_start: dict = None             # lr group -> epoch (or progress, under a budget)
     search_seconds: float = 0.0
+    # Search seconds spent on structural changes: rebuilding the network and the extra
+    # time of the first step after it (tracing the new step, optimising its graph).
+    restructure_seconds: float = 0.0
     seconds: float = 0.0                 # training seconds (epochs) so far
     wall_seconds: float = 0.0            # whole-command seconds of earlier processes
     measured_mb: float = None
@@ -93,12 +97,15 @@ class Run:
             input_shape=self.input_shape, num_classes=self.num_classes,
             max_patterns=self.max_patterns, search_epochs=self.search_epochs))
         self.strategy.attach(self._held_out_batches)
+        machine.configure_graph_optimizer(config.graph_optimizer)
         self.net = None
         self.state = None
         self.plan = None
         self.records = []
         self._writer = None
         self.final_network = None
+        self._rebuild_clock = 0.0       # this epoch's seconds in _rebuild
+        self._retrace_pending = False   # the next first step traces after a rebuild
 
     # ---- set-up -------------------------------------------------------------------
     def prepare(self, genotype=None):
@@ -200,8 +207,10 @@ class Run:
         spec = [tf.TensorSpec((None,) + self.input_shape, tf.float32), tf.TensorSpec((None,), tf.int64)]
         scalars = {k: tf.TensorSpec((), tf.float32) for k in names}
         jit = cfg.jit_compile or None
-        self.train_step = tf.function(train_step, jit_compile=jit, input_signature=spec + [scalars])
-        self.eval_step = tf.function(eval_step, jit_compile=jit, input_signature=spec)
+        self.train_step = tf.function(train_step, jit_compile=jit, input_signature=spec + [scalars],
+                                      autograph=False)
+        self.eval_step = tf.function(eval_step, jit_compile=jit, input_signature=spec,
+                                     autograph=False)
         self.arch_step = None
         if searching and self.strategy.bilevel:
             arch_vars = self.arch_opt.build(arch_vars)
@@ -229,7 +238,7 @@ class Run:
                     post(old)
                 return {"loss": total, "ce": main}
             self.arch_step = tf.function(arch_step, jit_compile=jit,
-                                         input_signature=spec + [scalars])
+                                         input_signature=spec + [scalars], autograph=False)
         self.extra_loss = extra
         self._measure_next = cfg.measure_memory
 
@@ -256,6 +265,7 @@ class Run:
         while not self._done():
             st = self.state
             started = time.time()
+            self._rebuild_clock = 0.0
             # Every random draw of an epoch (tf.data shuffle and augmentation seeds depend
             # on the global seed too) follows from (seed, epoch) alone, so a resumed run
             # draws exactly what an uninterrupted one does.
@@ -280,11 +290,14 @@ class Run:
                 events += self._apply(self.strategy.after_epoch(st.epoch + 1, self.net),
                                       st.epoch + 1)
             elapsed = time.time() - started
+            restructured = self._rebuild_clock + logs["retrace_seconds"]
+            logs["restructure_seconds"] = restructured
             st.epoch += 1
             st.phase_epochs += 1
             st.seconds += elapsed
             if phase == "search":
                 st.search_seconds += elapsed
+                st.restructure_seconds += restructured
                 if self._search_over():
                     events.append(self._to_final("search finished"))
             if self.budgeted:
@@ -428,11 +441,16 @@ class Run:
             timed = (time.time() - probe_from) / (steps - 1) if steps > 1 else None
             self._plan_phase(timed or (time.time() - epoch_started) / steps)
         seen = max(seen, 1)
+        retrace = 0.0
+        if self._retrace_pending and len(step_times) > 1:
+            retrace = max(0.0, step_times[0] - float(np.median(step_times[1:])))
+        self._retrace_pending = False
         return {"train_loss": total["loss"] / seen, "train_ce": total["ce"] / seen,
                 "compression_loss": total["compression_loss"] / seen,
                 "train_accuracy": total["correct"] / seen, "steps": steps,
                 # The first step traces after every (re)build; the rest show the rate.
                 "first_step_seconds": step_times[0] if step_times else 0.0,
+                "retrace_seconds": retrace,
                 "step_seconds": float(np.median(step_times[1:])) if len(step_times) > 1
                 else (step_times[0] if step_times else 0.0)}
 
@@ -535,6 +553,7 @@ class Run:
         g = self.strategy.final_genotype(self.net).canonical()
         self.net = self.net.final(g, aux_heads=True, drop_path=self.cfg.drop_path)
         st.phase, st.phase_epochs = "final", 0
+        self._retrace_pending = False  # the final network's first trace is not a search cost
         st.genotype = self.net.genotype.to_dict()
         self.opt = optim.MomentumSGD(self.cfg.momentum, self.cfg.weight_decay)
         self.arch_opt = None
@@ -543,11 +562,16 @@ class Run:
         return f"final network: {why}, {g.num_ops()} operations kept"
 
     def _rebuild(self, genotype):
+        started = time.time()
         self.net.rebuild(genotype)
         self.state.genotype = self.net.genotype.to_dict()
         self.strategy.begin(self.net, fresh=False)
         self._compile()
         self._write_genotype()
+        self._rebuild_clock += time.time() - started
+        # The next epoch's first step traces the new step functions: its extra time is
+        # part of this change's cost.
+        self._retrace_pending = True
 
     # ---- records, checkpoints ---------------------------------------------------------
     def _record(self, logs, val, elapsed, events, phase):
@@ -649,6 +673,9 @@ class Run:
                    "params": final.count_params(), "cells": len(g.cells),
                    "operations": g.num_ops(), "genotype_hash": g.hash(),
                    "search_seconds": st.search_seconds,
+                   "restructure_seconds": st.restructure_seconds,
+                   "restructure_share": (st.restructure_seconds / st.search_seconds
+                                         if st.search_seconds else None),
                    "total_seconds": st.seconds, "epochs": st.epoch,
                    "memory_mb": memory_lib.estimate(g, self.cfg.batch_size)["mb"],
                    "memory_measured_mb": st.measured_mb,

@@ -73,6 +73,39 @@ def configure_threads(inter=None, intra=None):
     return inter, intra
 
 
+GRAPH_OPTIMIZER_CHOICES = ("auto", "on", "off")
+
+
+def graph_optimizer_on(choice, has_gpu):
+    """Whether TensorFlow's graph optimizer (Grappler) runs on traced steps.
+
+    "auto" turns it off on machines without a GPU. A search retraces its step after
+    every structural change, and on the CPU Grappler was most of that cost without
+    making the step faster: the full 294-operation supernet's first step took 112 s
+    with it and 43 s without, its later steps 4.98 and 4.63 s (one core, same
+    process otherwise); the quick configuration's retrace after a deadhead 5.0 -> 3.8
+    s, and the final network's step 0.278 -> 0.282 s (README, "Supernet training
+    step"). On a GPU its layout optimizer (NHWC -> NCHW convolutions) matters, so
+    "auto" keeps it there; that side was never timed here (no GPU).
+    """
+    if choice not in GRAPH_OPTIMIZER_CHOICES:
+        raise ValueError(f"graph optimizer choice {choice!r}: expected one of "
+                         f"{', '.join(GRAPH_OPTIMIZER_CHOICES)}")
+    return choice == "on" or (choice == "auto" and has_gpu)
+
+
+def configure_graph_optimizer(choice="auto"):
+    """Applies `graph_optimizer_on` to this process (imports TensorFlow); returns it.
+
+    The setting is process-wide and read when a traced function first runs, so it
+    applies to every step traced afterwards.
+    """
+    import tensorflow as tf
+    on = graph_optimizer_on(choice, bool(gpus()) if choice == "auto" else False)
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": not on})
+    return on
+
+
 def _cpuinfo():
     try:
         with open("/proc/cpuinfo") as f:

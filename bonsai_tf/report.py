@@ -690,12 +690,22 @@ def _summary_rows(config, metrics, records):
          _fmt(_first(metrics.get("compression"), _last_value(records, "compression")))),
         ("epochs recorded", _fmt(int(max(epochs))) if epochs else "0"),
         ("search seconds", _fmt_seconds(metrics.get("search_seconds"))),
+        ("of which restructuring", _restructure(metrics)),
         ("total seconds", _fmt_seconds(
             _first(metrics.get("total_seconds"), _last_value(records, "seconds")))),
         ("genotype hash",
          f"`{_md(metrics['genotype_hash'])}`" if metrics.get("genotype_hash") else "–"),
     ]
     return rows
+
+
+def _restructure(metrics):
+    """Rebuilds after structural changes and the retracing they caused, as a share of
+    the search ("–" for runs that recorded none)."""
+    seconds, share = metrics.get("restructure_seconds"), metrics.get("restructure_share")
+    if not isinstance(seconds, (int, float)) or not isinstance(share, (int, float)):
+        return "–"
+    return f"{_fmt_seconds(seconds)} ({100 * share:.1f}%: rebuilds and retracing)"
 
 
 def _cell_listing(cell, c):

@@ -189,6 +189,7 @@ FLAG_CASES = [
     (["--memory_budget_mb=lots"], ["--memory_budget_mb=lots", "a number"]),
     (["--deterministic=maybe"], ["--deterministic=maybe", "true or false"]),
     (["--strategy=greedy"], ["--strategy=greedy", "bonsai|asap|bayes|proxyless|random|fixed"]),
+    (["--graph_optimizer=maybe"], ["--graph_optimizer=maybe", "auto|on|off"]),
     # not flags of ours
     (["--scael=3"], ["scael", "Did you mean: scale"]),
     (["extra"], ["unexpected arguments ['extra']", "only --flags"]),
@@ -197,7 +198,8 @@ FLAG_CASES = [
 
 # Messages (absl's, genotype.py's) that name the expectation in other words, which
 # the fragments of these cases check: "Did you mean", "must be", "should be one of".
-OTHER_WORDS = {"--scael=3", '--patterns=[["r"]]', "--strategy=greedy", "--proxyless_grad=darts"}
+OTHER_WORDS = {"--scael=3", '--patterns=[["r"]]', "--strategy=greedy", "--proxyless_grad=darts",
+               "--graph_optimizer=maybe"}
 
 
 def _case_id(case):

@@ -62,6 +62,17 @@ def test_tiny_search_deadheads_grows_and_finishes(tiny_splits, tmp_path):
     assert min(r["compression"] for r in records) < 1.0
     for key in ("test_accuracy", "params", "search_seconds", "total_seconds"):
         assert key in metrics
+    # The cost of structural changes is measured: an epoch after a deadhead retraces,
+    # and the search's total is its epochs' sum (the last one folds the final network).
+    last = next(i for i, r in enumerate(records) if any("final network" in e for e in r["events"]))
+    search = records[:last + 1]
+    assert any(r["restructure_seconds"] > 0 for r in search)
+    for before, after in zip(search, search[1:]):
+        if any(e.startswith("deadhead") for e in before["events"]):
+            assert after["retrace_seconds"] > 0
+    assert metrics["restructure_seconds"] == pytest.approx(
+        sum(r["restructure_seconds"] for r in search), rel=1e-6)
+    assert 0 < metrics["restructure_share"] < 1
     g = G.Genotype.load(str(tmp_path / "genotype.json"))
     assert g.hash() == metrics["genotype_hash"] and len(g.cells) == 2
     assert g.num_ops() < 2 * 5 * 7

@@ -126,3 +126,23 @@ def test_a_disk_that_refuses_a_record_gives_one_line_and_keeps_the_file(tmp_path
         rd.write_json(path, {"a": 2})
     assert rd.read_json(path) == {"a": 1}
     assert [f for f in os.listdir(tmp_path)] == ["metrics.json"]
+
+
+@pytest.mark.parametrize("choice, has_gpu, on", [("auto", False, False), ("auto", True, True),
+                                                 ("on", False, True), ("off", True, False)])
+def test_graph_optimizer_choice_with_and_without_a_gpu(monkeypatch, choice, has_gpu, on):
+    import tensorflow as tf
+    assert machine.graph_optimizer_on(choice, has_gpu) is on
+    # What the process is told, with the GPU question forced either way.
+    monkeypatch.setattr(machine, "gpus", lambda: ["/physical_device:GPU:0"] if has_gpu else [])
+    before = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
+    try:
+        assert machine.configure_graph_optimizer(choice) is on
+        assert tf.config.optimizer.get_experimental_options()["disable_meta_optimizer"] is (not on)
+    finally:
+        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": before})
+
+
+def test_graph_optimizer_choice_is_checked():
+    with pytest.raises(ValueError, match="'sometimes'.*auto, on, off"):
+        machine.graph_optimizer_on("sometimes", False)

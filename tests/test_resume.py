@@ -36,7 +36,7 @@ KILLED = -signal.SIGKILL
 # What differs between two runs of the same computation.
 TIMING = {"seconds", "epoch_seconds", "memory_measured_mb", "search_seconds", "total_seconds",
           "step_seconds", "first_step_seconds", "wall_seconds", "val_seconds",
-          "bayes_update_seconds"}
+          "bayes_update_seconds", "retrace_seconds", "restructure_seconds", "restructure_share"}
 
 
 def budget_for_growth(batch=16):

@@ -119,6 +119,10 @@ flags.DEFINE_string("augment", D.augment, "Augmentation: none, crop, crop_flip, 
 flags.DEFINE_integer("seed", D.seed, "Random seed.")
 flags.DEFINE_bool("deterministic", D.deterministic, "Enable TensorFlow op determinism.")
 flags.DEFINE_bool("jit_compile", D.jit_compile, "Compile steps with XLA (slower on CPU here).")
+flags.DEFINE_enum("graph_optimizer", D.graph_optimizer, ["auto", "on", "off"],
+                  "TensorFlow's graph optimizer (Grappler) on traced steps. auto: off on a "
+                  "machine without a GPU, where it made retracing after every structural change "
+                  "2-3x slower and the step no faster; on with a GPU.")
 flags.DEFINE_integer("steps_per_epoch", D.steps_per_epoch, "Cap on steps per epoch (0: all).")
 flags.DEFINE_bool("measure_memory", D.measure_memory, "Measure allocator peak memory.")
 FLAGS = flags.FLAGS
