@@ -387,6 +387,16 @@ def test_make_dataset_eval_shapes_and_order():
     assert len(list(dropped)) == 2
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_make_dataset_runs_without_autotuning(training):
+    # Autotuning's model thread made deleting an epoch's iterator wait for up to 41 s
+    # (data.make_dataset); every pipeline the engine iterates must have it off.
+    x, y = _toy(n=10)
+    ds = data.make_dataset(x, y, batch_size=4, training=training, augment="crop_flip", seed=1)
+    assert ds.options().autotune.enabled is False
+    assert sum(int(b[0].shape[0]) for b in ds) == 10
+
+
 def test_make_dataset_shuffle_deterministic():
     x, y = _toy(n=30)
     run1 = _epochs(data.make_dataset(x, y, batch_size=8, training=True, seed=7), 2)
