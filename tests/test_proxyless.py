@@ -385,5 +385,8 @@ def test_the_latency_table_covers_every_operation_of_the_supernet(tiny_splits, t
     s = run.strategy
     edges = s.latency_edges(run.net)
     assert sum(len(ms) for _, ms in edges) == run.net.genotype.num_ops()
-    assert all(m > 0 for _, ms in edges for m in ms) and s.fixed_ms > 0
+    # An operation's latency is its median minus its baseline's, clamped at 0: one
+    # cheaper than the timing noise (an identity, a pool on a tiny map) can read 0.
+    assert all(m >= 0 for _, ms in edges for m in ms) and s.fixed_ms > 0
+    assert sum(m for _, ms in edges for m in ms) > 0
     assert "expected_latency_ms" in s.record(run.net)
