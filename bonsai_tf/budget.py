@@ -110,16 +110,19 @@ class Plan:
     def replan(self, phase, epochs_done, seconds_left):
         """After an epoch of `phase`: fit the remaining epochs into `seconds_left`.
 
-        Changes the plan only when it is off by more than an epoch and a tenth of
-        what remains, so timing noise does not move the schedule.
+        Behind (the remaining epochs no longer fit), it shortens the phase at once: the
+        learning-rate schedule then still reaches its end. Waiting for the last epoch to
+        notice cut a quick run's final training from 6 epochs to 5 with the cosine at
+        1/6 of its way from the end (its probe had timed 0.147 s a step, the epochs ran
+        at 0.166). Ahead, it lengthens only by more than an epoch and a tenth of what
+        remains, so timing noise does not stretch the schedule back and forth.
         """
         p = self.phases[phase]
         each = p.epoch_seconds()
         fit = max(0, int(seconds_left / max(each, 1e-6)))
         remaining = p.epochs - epochs_done
-        if abs(fit - remaining) <= max(1, 0.1 * remaining):
-            if fit > 0 or remaining <= 0:
-                return False
+        if remaining <= 0 or remaining <= fit <= remaining + max(1, 0.1 * remaining):
+            return False
         wanted = epochs_done + fit
         if phase == "final" and wanted == epochs_done and epochs_done == 0:
             wanted = 1  # a final network is trained at least once
