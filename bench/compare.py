@@ -74,7 +74,9 @@ CONTROLLED = {"strategy": "--strategies", "seed": "--seeds", "genotype": "the fo
 OWN = flags.FlagValues()
 flags.DEFINE_string("output_dir", "", "Where everything goes; default runs/compare-<dataset>. "
                     "Running the same command again continues it.", flag_values=OWN)
-# ProxylessNAS is searchable but not a default row until it has its latency term.
+# ProxylessNAS is a row with --strategies=...,proxyless (its int8 latency measured like every
+# row's) but not a default one: every strategy added shares the same budget, and the base
+# flagfile names no latency target, so its search would run without its latency term.
 flags.DEFINE_list("strategies", ["bonsai", "asap", "bayes"], "Search strategies to compare "
                   f"(any of {', '.join(config_lib.SEARCHING)}).", flag_values=OWN)
 flags.DEFINE_integer("seeds", 3, "Seeds 0..K-1 of every search and of its retrainings.",
