@@ -65,12 +65,20 @@ def gate_values(pruners, mixing="saw", temperature=None, parent=None):
     return tf.unstack(saw_gate_value(w))
 
 
-def gumbel_max(logits, u):
-    """The index of the largest of logits - log(-log u) along the last axis (int32): with
-    u uniform in (0, 1), a draw from softmax(logits) (the Gumbel-max trick). Vectorised,
-    so many draws at once are one call (tests), one edge's draw another (Edge)."""
+def gumbel_keys(logits, u):
+    """logits - log(-log u): with u uniform in (0, 1), the index of the largest key is a
+    draw from softmax(logits) (the Gumbel-max trick), the k largest a draw of k without
+    replacement in proportion to the probabilities (Gumbel top-k)."""
     tf = _tf()
-    return tf.argmax(logits - tf.math.log(-tf.math.log(u)), axis=-1, output_type=tf.int32)
+    return logits - tf.math.log(-tf.math.log(u))
+
+
+def gumbel_max(logits, u):
+    """The index of the largest Gumbel key along the last axis (int32): a draw from
+    softmax(logits). Vectorised, so many draws at once are one call (tests), one edge's
+    draw another (Edge)."""
+    tf = _tf()
+    return tf.argmax(gumbel_keys(logits, u), axis=-1, output_type=tf.int32)
 
 
 def _tf():
@@ -575,16 +583,17 @@ class Edge(keras.layers.Layer):
         probabilities."""
         tf = _tf()
         a = self.alphas()
-        u = keras.random.uniform((len(self.pruners),), minval=1e-6, maxval=1.0 - 1e-6,
-                                 seed=self.sampler)
-        pair = tf.math.top_k(a - tf.math.log(-tf.math.log(u)), 2).indices
+        pair = tf.math.top_k(gumbel_keys(a, self._uniforms()), 2).indices
         return pair, tf.nn.softmax(tf.gather(a, pair))
 
     def sample_path(self):
         """One operation drawn from softmax(alpha) over all of the edge's operations."""
-        u = keras.random.uniform((len(self.pruners),), minval=1e-6, maxval=1.0 - 1e-6,
-                                 seed=self.sampler)
-        return gumbel_max(self.alphas(), u)
+        return gumbel_max(self.alphas(), self._uniforms())
+
+    def _uniforms(self):
+        """One uniform draw per operation from the edge's generator, clear of 0 and 1."""
+        return keras.random.uniform((len(self.pruners),), minval=1e-6, maxval=1.0 - 1e-6,
+                                    seed=self.sampler)
 
     def _branch(self, index, x, relu_x, gain, training):
         """Runs only operation `index` (tf.switch_case: the others are not computed)."""

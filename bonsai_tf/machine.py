@@ -81,11 +81,11 @@ def graph_optimizer_on(choice, has_gpu):
 
     "auto" turns it off on machines without a GPU. A search retraces its step after
     every structural change, and on the CPU Grappler was most of that cost without
-    making the step faster: the full 294-operation supernet's first step took 112 s
-    with it and 43 s without, its later steps 4.98 and 4.63 s (one core, same
-    process otherwise); the quick configuration's retrace after a deadhead 5.0 -> 3.8
-    s, and the final network's step 0.278 -> 0.282 s (README, "Supernet training
-    step"). On a GPU its layout optimizer (NHWC -> NCHW convolutions) matters, so
+    making the step faster: on an idle 2-core AMD EPYC (bench/bench_step.py) the full
+    294-operation supernet's first step took 52.5 s with it and 36.7 s without, its
+    later steps 2.81 and 2.01 s; on one core the quick configuration's retrace after a
+    deadhead took 5.0 and 3.8 s, and its final network's step 0.278 and 0.282 s
+    (README, "Supernet training step"). On a GPU its layout optimizer (NHWC -> NCHW convolutions) matters, so
     "auto" keeps it there; that side was never timed here (no GPU).
     """
     if choice not in GRAPH_OPTIMIZER_CHOICES:

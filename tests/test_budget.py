@@ -154,27 +154,18 @@ class Killed(Exception):
 @pytest.mark.slow
 def test_a_resumed_run_keeps_its_plan(tiny_splits, tmp_path, small_reserve, monkeypatch):
     run_dir = tmp_path / "run"
-
-    def die_in_the_final_phase(name):
-        if name == "mid_epoch:%d" % (kill_at[0]):
-            raise Killed(name)
     first = budgeted(tiny_splits, run_dir, 0.4)
-    # Kill in the second final epoch: both phases have been planned by then.
-    original_to_final = first._to_final
-    kill_at = [10 ** 6]
 
-    def to_final(why):
-        out = original_to_final(why)
-        kill_at[0] = first.state.epoch + 2
-        return out
-    monkeypatch.setattr(first, "_to_final", to_final)
-    monkeypatch.setattr(rd, "fault_point", die_in_the_final_phase)
+    def die_in_the_second_final_epoch(name):
+        # Both phases have been planned by then.
+        st = first.state
+        if name.startswith("mid_epoch:") and st.phase == "final" and st.phase_epochs == 1:
+            raise Killed(name)
+    monkeypatch.setattr(rd, "fault_point", die_in_the_second_final_epoch)
     with pytest.raises(Killed):
         first.run()
     before = json.loads((run_dir / "plan.json").read_text())
-    monkeypatch.undo()
-    monkeypatch.setattr(budget, "RESERVE_MIN_SECONDS", 2.0)
-    monkeypatch.setattr(budget, "FINISH_BASE_SECONDS", 1.0)
+    monkeypatch.setattr(rd, "fault_point", lambda name: None)   # the resumed run lives
 
     again = budgeted(tiny_splits, run_dir, 0.4)
     metrics = again.run()
