@@ -10,8 +10,8 @@ from bonsai_tf import space as space_lib
 
 # The names strategies.get knows (a test keeps the two in step; this module imports
 # no TensorFlow, so the lists cannot be read from the strategies themselves).
-STRATEGIES = ("bonsai", "asap", "bayes", "proxyless", "random", "fixed")
-SEARCHING = ("bonsai", "asap", "bayes", "proxyless")
+STRATEGIES = ("bonsai", "asap", "bayes", "proxyless", "spider", "random", "fixed")
+SEARCHING = ("bonsai", "asap", "bayes", "proxyless", "spider")
 AUGMENT = ("", "none", "crop", "crop_flip", "crop_flip_cutout")  # data.AUGMENT_POLICIES and ''
 # ProxylessNAS's gradient to the alphas (strategies/proxyless.py): BinaryConnect through
 # two-path gates, or REINFORCE over one path drawn from the full softmax.
@@ -32,6 +32,18 @@ def pattern_cap(cfg, image_shape):
     """
     h, w = image_shape[:2]
     spatial = -(-min(h, w) // cfg.stem_stride)
+    if cfg.strategy == "spider":
+        # SpiderNet's network is its reductions + 1 cells, each after the first a reduction.
+        size = spatial
+        for _ in range(cfg.reductions):
+            if size < 2 * cfg.reduction_target - 1:
+                raise ConfigError(f"{h}x{w} images with stem stride {cfg.stem_stride} are "
+                                  f"{spatial} pixels across after the stem, too small for "
+                                  f"{cfg.reductions} reductions with reduction_target "
+                                  f"{cfg.reduction_target}; expected fewer --reductions or a "
+                                  f"smaller --reduction_target or --stem_stride")
+            size = genotype_lib.halve(size)
+        return cfg.reductions + 1
     cap = genotype_lib.max_patterns(cfg.patterns, spatial, cfg.reduction_target)
     if cap < 1:
         first = [list(p) for p in cfg.patterns[:1]]
@@ -122,6 +134,16 @@ class RunConfig:
     latency_target_ms: float = 0.0
     latency_weight: float = 1.0
     latency_int8: bool = True
+    # SpiderNet (METHODS.md): reductions + 1 cells grown by edge splits in rounds of
+    # round_epochs epochs; deadhead below the open share; candidate edges per cell and
+    # round (0 = all); the batches of the train-free scores
+    reductions: int = 2
+    round_epochs: int = 4
+    spider_rounds: int = 30
+    spider_deadhead: float = 0.25
+    spider_candidates: int = 2
+    spider_ntk_batch: int = 8
+    spider_regions_batch: int = 2000
     # the wall-clock budget of the whole command (0 = none: `epochs` count instead)
     time_budget_minutes: float = 0.0
     search_fraction: float = 0.35  # of the training time under a budget
@@ -140,7 +162,8 @@ class RunConfig:
         ints = ("train_subset", "final_subset", "scale", "nodes", "stem_stride", "max_patterns",
                 "reduction_target", "epochs", "search_epochs", "batch_size", "prune_interval",
                 "cycle_len", "seed", "steps_per_epoch", "bayes_hessian_batches",
-                "bayes_warmup_epochs", "proxyless_warmup_epochs")
+                "bayes_warmup_epochs", "proxyless_warmup_epochs", "reductions", "round_epochs",
+                "spider_rounds", "spider_candidates", "spider_ntk_batch", "spider_regions_batch")
         for name in ints:
             check(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool),
                   name, "an integer")
@@ -148,7 +171,7 @@ class RunConfig:
                   "drop_path", "aux_weight", "label_smoothing", "lambda_edge", "lambda_input",
                   "memory_budget_mb", "arch_lr", "asap_tau0", "asap_beta", "asap_threshold",
                   "bayes_lambda_edge", "bayes_lambda_op", "bayes_threshold",
-                  "latency_target_ms", "latency_weight",
+                  "latency_target_ms", "latency_weight", "spider_deadhead",
                   "time_budget_minutes", "search_fraction")
         for name in floats:
             check(isinstance(getattr(self, name), (int, float)) and not isinstance(
@@ -210,6 +233,13 @@ class RunConfig:
         check(self.latency_target_ms >= 0 and math.isfinite(self.latency_target_ms),
               "latency_target_ms", ">= 0 (0 = no latency term)")
         check(self.latency_weight >= 0, "latency_weight", ">= 0")
+        check(0 <= self.reductions <= 8, "reductions", "in [0, 8]")
+        check(self.round_epochs >= 1, "round_epochs", ">= 1")
+        check(self.spider_rounds >= 1, "spider_rounds", ">= 1")
+        check(0 <= self.spider_deadhead < 1, "spider_deadhead", "in [0, 1)")
+        check(self.spider_candidates >= 0, "spider_candidates", ">= 0 (0 = every edge)")
+        check(self.spider_ntk_batch >= 2, "spider_ntk_batch", ">= 2")
+        check(self.spider_regions_batch >= 1, "spider_regions_batch", ">= 1")
         check(self.steps_per_epoch >= 0, "steps_per_epoch", ">= 0")
         check(self.seed >= 0, "seed", ">= 0")
         check(self.init_weight > 0, "init_weight", "> 0 (gates start open)")

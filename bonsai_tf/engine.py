@@ -164,9 +164,13 @@ class Run:
         cfg, net = self.cfg, self.net
         model = net.model
         groups, arch_vars = self._groups()
-        self.variables = self.opt.build(groups)
+        moved = net.take_moved()    # renumbered nodes: momentum follows the weights
+        self.variables = self.opt.build(groups, moved)
         searching = self.state.phase == "search"
         extra = self.strategy.loss(net) if searching else None
+        # What a strategy does after every weight update (SpiderNet's gate clamp and
+        # per-batch open records), traced into the step.
+        post_train = self.strategy.after_train_step(net) if searching else None
         loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         if cfg.label_smoothing:
             loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True,
@@ -194,6 +198,8 @@ class Run:
                 total = total + comp
             grads = tape.gradient(total, variables)
             opt.apply(grads)
+            if post_train is not None:
+                post_train()
             correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(outs[0], -1), y), tf.float32))
             return {"loss": total, "ce": main, "compression_loss": comp, "correct": correct}
 
@@ -213,7 +219,7 @@ class Run:
                                      autograph=False)
         self.arch_step = None
         if searching and self.strategy.bilevel:
-            arch_vars = self.arch_opt.build(arch_vars)
+            arch_vars = self.arch_opt.build(arch_vars, moved)
             arch_opt = self.arch_opt
             # What a strategy does to the architecture right after each of its steps
             # (ProxylessNAS's alpha rescale), traced into the step.
@@ -342,7 +348,7 @@ class Run:
             self.state.group_start[str(change.new_pattern)] = (
                 epochs_done if not self.budgeted else self._progress_now())
         if change.genotype is not None:
-            self._rebuild(change.genotype)
+            self._rebuild(change.genotype, change.node_maps)
             rd.fault_point("rebuild")
         return list(change.events)
 
@@ -561,9 +567,9 @@ class Run:
         self._write_genotype()
         return f"final network: {why}, {g.num_ops()} operations kept"
 
-    def _rebuild(self, genotype):
+    def _rebuild(self, genotype, node_maps=None):
         started = time.time()
-        self.net.rebuild(genotype)
+        self.net.rebuild(genotype, node_maps)
         self.state.genotype = self.net.genotype.to_dict()
         self.strategy.begin(self.net, fresh=False)
         self._compile()

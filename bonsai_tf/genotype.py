@@ -329,6 +329,67 @@ def initial(space, input_shape, num_classes, scale, nodes, patterns, num_pattern
     return g.validate()
 
 
+def minimal_cell(kind, channels, ops, num_earlier, aux=True, init_weight=0.1):
+    """SpiderNet's starting cell: its inputs, then a chain of two nodes (x -> 0, y -> 0,
+    0 -> 1), every edge with every operation, every earlier output as an input."""
+    return Cell(kind=kind, channels=channels, nodes=2, aux=aux,
+                inputs=tuple((j, init_weight) for j in range(num_earlier)),
+                edges=tuple(Edge(src, dst, tuple((o, init_weight) for o in ops))
+                            for src, dst in (("x", 0), ("y", 0), (0, 1))))
+
+
+def spider_initial(space, input_shape, num_classes, scale, reductions, init_weight=0.1,
+                   stem_stride=1):
+    """SpiderNet's starting network: `reductions + 1` minimal cells, each after the first
+    a reduction (channels doubled), each fed by every earlier output and each its own
+    pattern, so that every cell but the last carries an auxiliary head."""
+    if isinstance(reductions, bool) or not isinstance(reductions, int) or reductions < 0:
+        raise GenotypeError(f"reductions = {reductions!r}; expected an integer >= 0")
+    ops = space_lib.space_ops(space)
+    cells, channels = [], scale
+    for c in range(reductions + 1):
+        if c:
+            channels *= 2
+        cells.append(minimal_cell("reduction" if c else "normal", channels, ops, c + 1,
+                                  init_weight=init_weight))
+    patterns = (("na",),) + (("ra",),) * reductions
+    return Genotype(space=space, input_shape=tuple(input_shape), num_classes=num_classes,
+                    scale=scale, nodes=2, patterns=patterns, cells=tuple(cells),
+                    stem_stride=stem_stride).validate()
+
+
+def split_edge(cell, src, dst, ops, init_weight=0.1):
+    """SpiderNet's mutation: a new node on edge src -> dst of `cell`.
+
+    The new node takes index `dst` (every node from `dst` on moves up by one), new
+    edges src -> new and new -> dst carry every operation of `ops`, and the old edge
+    stays as a skip. Returns (the new cell, {old node: new node}); the map lets a
+    rebuild hand every surviving layer (and its trained weights) to its new place.
+    """
+    if cell.edge(src, dst) is None:
+        raise GenotypeError(f"cell has no edge {src!r}->{dst!r} to split; expected one of "
+                            f"{[(e.src, e.dst) for e in cell.edges]}")
+    new = dst
+
+    def moved(n):
+        return n if n in ("x", "y") or n < new else n + 1
+
+    node_map = {n: moved(n) for n in range(cell.nodes)}
+    fresh = tuple((o, init_weight) for o in ops)
+    edges = [dataclasses.replace(e, src=moved(e.src), dst=moved(e.dst)) for e in cell.edges]
+    edges += [Edge(src, new, fresh), Edge(new, dst + 1, fresh)]
+    order = {k: i for i, k in enumerate(edge_keys(cell.nodes + 1))}
+    edges.sort(key=lambda e: order[(e.src, e.dst)])
+    out = dataclasses.replace(cell, nodes=cell.nodes + 1, edges=tuple(edges))
+    return out, node_map
+
+
+def num_nodes(cell):
+    """Live nodes of a cell: fed from an input and reaching its output."""
+    alive, _ = _alive_nodes(cell)
+    return len(alive)
+
+
 def num_patterns(genotype):
     """How many patterns the genotype's cells make up."""
     n, count = 0, 0

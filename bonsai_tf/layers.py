@@ -558,6 +558,22 @@ class Edge(keras.layers.Layer):
     def by_op(self):
         return {op: (o, p) for op, o, p in zip(self.op_names, self.operations, self.pruners)}
 
+    def take_weights(self, old):
+        """Copies, operation by operation, the weights of `old` (an edge built earlier
+        under another name, which may hold more operations) into this built edge;
+        returns {new variable path: old path}."""
+        moved = {}
+        theirs = old.by_op()
+        for op, o, p in zip(self.op_names, self.operations, self.pruners):
+            if op not in theirs:
+                continue
+            moved.update(copy_weights(theirs[op][0], o))
+            if p is not None and theirs[op][1] is not None:
+                moved.update(copy_weights(theirs[op][1], p))
+        if self.parent is not None and getattr(old, "parent", None) is not None:
+            moved.update(copy_weights(old.parent, self.parent))
+        return moved
+
     def build(self, input_shape):
         # Sub-layers built here are built inside this edge's name scope (Keras wraps
         # build), so variable paths, the checkpoint keys, read cell/edge/op/variable.
@@ -684,7 +700,7 @@ class BonsaiCell(keras.layers.Layer):
     """
 
     def __init__(self, cell, with_pruners=True, drop_path=0.0, seed=None, reuse=None, mixing="saw",
-                 temperature=None, **kwargs):
+                 temperature=None, node_map=None, **kwargs):
         super().__init__(**kwargs)
         if isinstance(cell, dict):
             cell = _cell_from_config(cell)
@@ -695,18 +711,44 @@ class BonsaiCell(keras.layers.Layer):
         self.mixing = mixing
         stride = 2 if cell.reduction else 1
         old_edges = reuse.edges if reuse is not None else {}
+        # node_map {old node: new node} (SpiderNet's edge split renumbers nodes): a layer
+        # whose node moved is rebuilt under its new name and given the old one's weights
+        # in build. Reusing the old object would keep its variable paths, which name
+        # checkpoint entries and optimizer slots, and a fresh build (a resumed run) would
+        # not find them, or find another layer's under the same name.
+        back = {new: old for old, new in (node_map or {}).items()}
+
+        def old_node(n):
+            return n if n in ("x", "y") or node_map is None else back.get(n)
+
+        # new layer name -> old layer whose weights it takes. Set past Keras' tracking:
+        # a tracked old layer would stay among this cell's weights once copied.
+        object.__setattr__(self, "_copy_from", {})
+        self.moved = {}         # new variable path -> old one, filled in build
         self.edges = {}
         for i, e in enumerate(cell.edges):
             key = edge_name(e.src, e.dst)
             s = stride if e.src in ("x", "y") else 1
+            src, dst = old_node(e.src), old_node(e.dst)
+            prev = None
+            if src is not None and dst is not None:
+                prev = old_edges.get(edge_name(src, dst))
+                if prev is not None and (src, dst) != (e.src, e.dst):
+                    self._copy_from[key], prev = prev, None
             self.edges[key] = Edge(
                 [n for n, _ in e.ops], cell.channels, s, [w for _, w in e.ops],
                 with_pruners=with_pruners, drop_path=drop_path,
-                seed=None if seed is None else seed + 100 * i, reuse=old_edges.get(key), name=key,
+                seed=None if seed is None else seed + 100 * i, reuse=prev, name=key,
                 mixing=mixing, temperature=temperature)
         used_nodes = sorted({e.dst for e in cell.edges})
         old_bn = reuse.node_bn if reuse is not None else {}
-        self.node_bn = {str(n): old_bn.get(str(n)) or batch_norm(f"node{n}") for n in used_nodes}
+        self.node_bn = {}
+        for n in used_nodes:
+            o = old_node(n)
+            prev = old_bn.get(str(o)) if o is not None else None
+            if prev is not None and o != n:
+                self._copy_from[f"node{n}"], prev = prev, None
+            self.node_bn[str(n)] = prev or batch_norm(f"node{n}")
         self.has_x = any(e.src == "x" for e in cell.edges)
         self.input_ids = [j for j, _ in cell.inputs] if any(e.src == "y" for e in cell.edges) else []
         self.x_adapt = reuse.x_adapt if reuse is not None else None
@@ -752,6 +794,12 @@ class BonsaiCell(keras.layers.Layer):
         for bn in self.node_bn.values():
             if not bn.built:
                 bn.build(out_shape)
+        for key, old in self._copy_from.items():
+            if key in self.edges:
+                self.moved.update(self.edges[key].take_weights(old))
+            else:
+                self.moved.update(copy_weights(old, self.node_bn[key[4:]]))
+        self._copy_from.clear()
         for gate in self.y_gates.values():
             if not gate.built:
                 gate.build()
@@ -819,6 +867,20 @@ class BonsaiCell(keras.layers.Layer):
         return {**super().get_config(), "cell": _cell_to_config(self.cell),
                 "with_pruners": self.with_pruners, "drop_path": self.drop_path, "seed": self.seed,
                 "mixing": self.mixing}
+
+
+def copy_weights(src, dst):
+    """Assigns every weight of layer `src` to the same weight of `dst`, a layer built
+    the same way under another name; returns {dst variable path: src variable path}."""
+    a, b = src.weights, dst.weights
+    if [(v.name, tuple(v.shape)) for v in a] != [(v.name, tuple(v.shape)) for v in b]:
+        raise ValueError(f"cannot copy the weights of {src.name!r} into {dst.name!r}: expected "
+                         f"the same variables, got {[v.name for v in a]} and {[v.name for v in b]}")
+    moved = {}
+    for old, new in zip(a, b):
+        new.assign(old.value)
+        moved[new.path] = old.path
+    return moved
 
 
 def _cell_to_config(cell):

@@ -83,24 +83,36 @@ class Network:
     def _cell_seed(self, c):
         return None if self.seed is None else self.seed * 7919 + 1000 * c
 
-    def _sync(self, genotype, reuse_from=None):
+    def _sync(self, genotype, reuse_from=None, node_maps=None):
         old = list(reuse_from if reuse_from is not None else self.cells)
+        node_maps = node_maps or {}
         cells = []
         for c, spec in enumerate(genotype.cells):
             prev = old[c] if c < len(old) else None
-            if prev is not None and prev.cell == spec and prev.with_pruners == self.with_pruners:
+            if prev is not None and prev.cell == spec and prev.with_pruners == self.with_pruners \
+                    and c not in node_maps:
                 cells.append(prev)
             else:
                 cells.append(L.BonsaiCell(spec, with_pruners=self.with_pruners,
                                           drop_path=self.drop_path, seed=self._cell_seed(c),
                                           reuse=prev, name=f"cell{c}", mixing=self.mixing,
-                                          temperature=self.temperature))
+                                          temperature=self.temperature,
+                                          node_map=node_maps.get(c)))
         self.cells = cells
         self.genotype = genotype
         wanted = [len(cells) - 1] + (genotype_lib.head_cells(genotype) if self.aux_heads else [])
         self.heads = {str(c): self.heads.get(str(c)) or make_head(genotype.num_classes, c)
                       for c in wanted}
         self._build()
+        # Variables that moved to a new path (renumbered nodes), for the optimizers.
+        kept = {id(cell) for cell in old}
+        self.moved = {k: v for cell in cells if id(cell) not in kept
+                      for k, v in cell.moved.items()}
+
+    def take_moved(self):
+        """{new variable path: old path} of the last rebuild's moved variables, once."""
+        moved, self.moved = getattr(self, "moved", {}), {}
+        return moved
 
     def _build(self):
         """Builds every unbuilt layer from the shapes the genotype implies."""
@@ -123,9 +135,14 @@ class Network:
         self.model = BonsaiModel(self.normalize, self.stem, self.cells,
                                  [(int(k), self.heads[k]) for k in order])
 
-    def rebuild(self, genotype):
-        """Rebuilds for `genotype` (pruned or grown), keeping every surviving layer."""
-        self._sync(genotype.validate())
+    def rebuild(self, genotype, node_maps=None):
+        """Rebuilds for `genotype` (pruned, grown or mutated), keeping every surviving layer.
+
+        node_maps: {cell index: {old node: new node}} where nodes were renumbered
+        (genotype.split_edge); a moved layer is rebuilt under its new name with the
+        old one's weights, and `take_moved()` then tells which variables moved where.
+        """
+        self._sync(genotype.validate(), node_maps=node_maps)
         return self.model
 
     # ---- pruners -----------------------------------------------------------------

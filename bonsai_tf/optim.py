@@ -27,6 +27,16 @@ def _resource(v):
     return value if isinstance(value, tf.Variable) else v
 
 
+def _slot_key(path, moved):
+    """The old path whose slot a variable at `path` takes over: its own, the one it moved
+    from, or none (a new variable at a path another variable moved away from)."""
+    if not moved:
+        return path
+    if path in moved:
+        return moved[path]
+    return None if path in set(moved.values()) else path
+
+
 class MomentumSGD:
     def __init__(self, momentum=0.9, weight_decay=3e-4):
         if not 0.0 <= momentum < 1.0:
@@ -38,14 +48,16 @@ class MomentumSGD:
         self.lrs = {}        # group name -> tf.Variable
         self.plan = []       # [(variable, slot, lr variable, decay)]
 
-    def build(self, groups):
-        """groups: [(group name, [variables], apply weight decay)]."""
+    def build(self, groups, moved=None):
+        """groups: [(group name, [variables], apply weight decay)]; moved: {new variable
+        path: old path} of variables whose values moved to a new path (renumbered nodes):
+        their momentum moves with them."""
         slots, plan = {}, []
         for name, variables, decay in groups:
             if name not in self.lrs:
                 self.lrs[name] = tf.Variable(0.0, trainable=False, name=f"lr_{name}")
             for v in variables:
-                slot = self.slots.get(v.path)
+                slot = self.slots.get(_slot_key(v.path, moved))
                 if slot is None or tuple(slot.shape) != tuple(v.shape):
                     slot = tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False)
                 slots[v.path] = slot
@@ -103,10 +115,10 @@ class Adam:
         self.plan = []
         self.iterations = tf.Variable(0.0, trainable=False, name="adam_iterations")
 
-    def build(self, variables):
+    def build(self, variables, moved=None):
         slots, plan = {}, []
         for v in variables:
-            pair = self.slots.get(v.path)
+            pair = self.slots.get(_slot_key(v.path, moved))
             if pair is None or tuple(pair[0].shape) != tuple(v.shape):
                 pair = (tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False),
                         tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False))

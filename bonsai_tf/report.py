@@ -264,11 +264,21 @@ def metric_figures(records, memory_budget_mb=None, threshold=None):
         figures["alphas"] = _mixing_figure(records, epochs)
     if any(isinstance(r.get("gammas"), dict) for r in records):
         figures["gammas"] = _gamma_figure(records, epochs, threshold)
+    if any(_number(r.get("nodes")) is not None for r in records):
+        # SpiderNet: every split adds a node and two edges, every deadhead may take some.
+        figures["growth"] = _curve_figure(
+            records, epochs,
+            [("live nodes", _series(records, "nodes"), dict(step, color="#2ca02c")),
+             ("edges", _series(records, "edges"), dict(step, color="#d62728"))],
+            "Growth by edge splits", "count")
     budget = _number(memory_budget_mb)
+    checked = ([("checked before splitting", _series(records, "spider_memory_mb"),
+                 dict(step, color="#bcbd22"))]
+               if any(_number(r.get("spider_memory_mb")) is not None for r in records) else [])
     figures["memory"] = _curve_figure(
         records, epochs,
         [("predicted", _series(records, "memory_mb"), {"color": "#e377c2"}),
-         ("measured", _series(records, "memory_measured_mb"), {"color": "#7f7f7f"})],
+         ("measured", _series(records, "memory_measured_mb"), {"color": "#7f7f7f"})] + checked,
         "Training memory", "memory (MB)",
         hlines=[(budget, f"budget ({_fmt(budget)} MB)",
                  {"color": "#000000", "ls": (0, (8, 3))})]
@@ -354,7 +364,7 @@ def _gamma_figure(records, epochs, threshold=None):
 
 def plot_metrics(records, out_dir, memory_budget_mb=None, threshold=None):
     """Writes accuracy.png, compression.png, params.png, memory.png (and, for runs that
-    record mixing weights, alphas.png; relevances, gammas.png) into out_dir
+    record mixing weights, alphas.png; relevances, gammas.png; nodes, growth.png) into out_dir
     from per-epoch records (the lines of metrics.jsonl); returns their paths.
 
     Every plot is written even without data, so a report's links never break.
@@ -797,6 +807,37 @@ def _given_lines(metrics, records):
     return lines
 
 
+def _spider_lines(metrics, records):
+    """SpiderNet: what every round removed, scored and grew, and the memory check."""
+    rounds = [(r.get("epoch"), r["spider_round"]) for r in records
+              if isinstance(r.get("spider_round"), dict)]
+    if not rounds:
+        return []
+    lines = ["## Growth rounds", "",
+             "| round | after epoch | operations removed | candidates scored | accepted | "
+             "splits applied | regions (unsplit) | NTK condition (unsplit) |",
+             "|---|---|---|---|---|---|---|---|"]
+    seen = set()
+    for epoch, info in rounds:
+        if info.get("round") in seen:   # the record after the last round repeats it
+            continue
+        seen.add(info.get("round"))
+        lines.append("| " + " | ".join(_fmt(v) for v in (
+            info.get("round"), epoch, info.get("removed_operations"), info.get("candidates"),
+            info.get("accepted"), info.get("mutations"), info.get("base_regions"),
+            info.get("base_condition"))) + " |")
+    m = metrics or {}
+    check = m.get("spider_memory_check")
+    lines += ["", f"Candidates scored: {_fmt(m.get('candidates_scored'))}, "
+              f"{_fmt(m.get('trainfree_seconds_per_candidate'))} s each (both train-free "
+              f"metrics, the network built twice); splits applied: {_fmt(m.get('mutations'))}."]
+    if isinstance(check, dict):
+        lines.append(f"Last memory check: {_fmt(check.get('mb'))} MB "
+                     f"({_md(check.get('source'))}) against a budget of "
+                     f"{_fmt(check.get('budget_mb'))} MB.")
+    return lines + [""]
+
+
 def write_report(run_dir):
     """Writes report.md and its PNGs into run_dir; returns the report's path."""
     if not os.path.isdir(run_dir):
@@ -842,6 +883,7 @@ def write_report(run_dir):
                   "architecture) phase.", ""]
 
     lines += _given_lines(metrics, records)
+    lines += _spider_lines(metrics, records)
 
     lines += ["## Cells", ""]
     cells = genotype.get("cells") if genotype else None

@@ -39,6 +39,10 @@ def assert_usage_error(proc, *fragments):
     (["--strategy=fixed"], ["genotype"]),
     (["--memory_budget_mb=0.5", "--dataset=fashion_mnist", "--val_size=100"],
      ["too small for one pattern", "0.5"]),
+    (["--strategy=spider", "--reductions=5", "--dataset=fashion_mnist", "--val_size=100"],
+     ["too small for 5 reductions", "fewer --reductions"]),
+    (["--strategy=spider", "--memory_budget_mb=0.5", "--dataset=fashion_mnist",
+      "--val_size=100"], ["too small for SpiderNet's starting network", "0.5"]),
     (["--fashion_mnist"], ["fashion_mnist"]),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, args, fragments):

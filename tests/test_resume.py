@@ -36,7 +36,8 @@ KILLED = -signal.SIGKILL
 # What differs between two runs of the same computation.
 TIMING = {"seconds", "epoch_seconds", "memory_measured_mb", "search_seconds", "total_seconds",
           "step_seconds", "first_step_seconds", "wall_seconds", "val_seconds",
-          "bayes_update_seconds", "retrace_seconds", "restructure_seconds", "restructure_share"}
+          "bayes_update_seconds", "retrace_seconds", "restructure_seconds", "restructure_share",
+          "trainfree_seconds_per_candidate"}
 
 
 def budget_for_growth(batch=16):
@@ -313,3 +314,22 @@ def test_proxyless_killed_mid_search_resumes_to_the_same_result(data, tmp_path, 
     assert_chain_resumes(proxyless_flags(grad), data, tmp_path, "final network",
                          [("mid_epoch:2", None), ("mid_epoch:3", 1), ("mid_epoch:5", 2),
                           (None, 4)])
+
+
+# SpiderNet grows by edge splits that renumber nodes: the layers on moved nodes are
+# rebuilt under new names (their checkpoint keys change) and keep their weights and
+# momentum; the gates' per-batch open counts are model weights, the round counter
+# strategy state. Rounds of 2 epochs: after epochs 2 and 4 a deadhead and splits (each
+# a rebuild), the search ends after epoch 4 (2 rounds), epoch 5 is final training.
+def spider_flags(data, out):
+    return search_flags(data, out, strategy="spider", memory_budget_mb=0, reductions=1,
+                        round_epochs=2, spider_rounds=2, spider_candidates=0, aux_weight=0.4,
+                        drop_path=0.0)
+
+
+def test_spider_killed_mid_search_resumes_to_the_same_result(data, tmp_path):
+    # Killed before the first split, at its rebuild, in the next round, in final
+    # training, and then left to finish.
+    assert_chain_resumes(spider_flags, data, tmp_path, "mutate: cell",
+                         [("mid_epoch:2", None), ("rebuild", 1), ("mid_epoch:4", 1),
+                          ("mid_epoch:5", 3), (None, 4)])

@@ -105,6 +105,21 @@ flags.DEFINE_float("latency_target_ms", D.latency_target_ms, "ProxylessNAS: batc
 flags.DEFINE_float("latency_weight", D.latency_weight, "ProxylessNAS: weight of the latency term.")
 flags.DEFINE_bool("latency_int8", D.latency_int8, "ProxylessNAS: the target is the int8 model's "
                   "latency (else the float32 model's).")
+flags.DEFINE_integer("reductions", D.reductions, "SpiderNet: reduction cells; the network "
+                     "starts as reductions + 1 minimal cells (--scale channels, doubled at each "
+                     "reduction) and grows itself.")
+flags.DEFINE_integer("round_epochs", D.round_epochs, "SpiderNet: epochs of training per round; "
+                     "each round ends with a deadhead and at most one edge split per cell.")
+flags.DEFINE_integer("spider_rounds", D.spider_rounds, "SpiderNet: rounds of the search (a time "
+                     "budget may end it sooner).")
+flags.DEFINE_float("spider_deadhead", D.spider_deadhead, "SpiderNet: an operation whose gate "
+                   "was open in under this share of a round's batches is removed.")
+flags.DEFINE_integer("spider_candidates", D.spider_candidates, "SpiderNet: edges per cell and "
+                     "round scored as split candidates, drawn at random (0: every edge).")
+flags.DEFINE_integer("spider_ntk_batch", D.spider_ntk_batch, "SpiderNet: held-out images of "
+                     "the NTK condition number (one backward pass each per candidate).")
+flags.DEFINE_integer("spider_regions_batch", D.spider_regions_batch, "SpiderNet: random images "
+                     "whose linear regions are counted.")
 flags.DEFINE_string("threads", "auto", "TensorFlow threads as INTER,INTRA, or auto: one op per "
                     "core on machines of up to 4 cores, TensorFlow's default above.")
 flags.DEFINE_float("memory_budget_mb", D.memory_budget_mb, "Training-memory budget (MB) that "

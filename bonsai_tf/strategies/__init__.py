@@ -32,9 +32,9 @@ def names():
 
 
 def _register_builtins():
-    from bonsai_tf.strategies import asap, bayes, bonsai, fixed, proxyless
+    from bonsai_tf.strategies import asap, bayes, bonsai, fixed, proxyless, spider
     for cls in (bonsai.BonsaiNet, asap.ASAP, bayes.BayesNAS, proxyless.ProxylessNAS,
-                fixed.Fixed, fixed.Random):
+                spider.SpiderNet, fixed.Fixed, fixed.Random):
         register(cls)
 
 

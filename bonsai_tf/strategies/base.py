@@ -6,12 +6,14 @@ compiled steps, the optimizers, the data, checkpoints, records, the time budget)
 a strategy owns the decisions of one method and nothing else. The engine knows no
 strategy by name; `bonsai_tf.strategies.get(name)` finds one.
 
-A strategy answers six questions:
+A strategy answers seven questions:
 
   what the cells carry        `arch`: "saw" (a saw-gate pruner per operation and cell
                               input, BonsaiNet), "softmax" (one architecture weight
                               per operation, mixed by softmax(w / temperature) per
                               edge, ASAP), or "none" (a fixed network).
+  what every step does        `after_train_step(net)`: a function traced into each
+                              training step after the update (per-batch records);
   the extra loss terms        `loss(net)` returns a function of the step inputs
                               (`step_inputs`) traced into the training step;
                               `arch_loss(net)` one of the network's loss and the step
@@ -49,6 +51,7 @@ class Change:
     events: list = dataclasses.field(default_factory=list)
     new_pattern: int = None       # a grown pattern: its cells get their own lr schedule
     temperature: float = None     # arch "softmax": the mixing temperature from now on
+    node_maps: dict = None        # {cell: {old node: new node}} where `genotype` renumbers
 
     def __bool__(self):
         return bool(self.genotype is not None or self.events or self.temperature is not None)
@@ -108,6 +111,11 @@ class Strategy:
     def arch_trainable(self, epoch):
         """Whether the architecture variables step during `epoch` (0-based)."""
         return True
+
+    def after_train_step(self, net):
+        """None, or a function of no arguments traced into every training step after the
+        weights' update (SpiderNet: clamp the gates, count the batches they were open)."""
+        return None
 
     def after_arch_step(self, net, arch_vars):
         """None, or a function of the values `arch_vars` had before the step, traced into
