@@ -6,10 +6,11 @@ Within one wall-clock budget (--time_budget_minutes, or --minutes) it runs, each
 as an ordinary run directory under --output_dir made by the project's own entry
 scripts in a subprocess:
 
-  1. search-S-sK   every strategy S of --strategies (default: bonsai, asap, bayes)
-                   with every seed K: train/search.py under its share of the budget,
-                   --search_fraction of it searching; its genotype.json is the found
-                   network.
+  1. search-S-sK   every strategy S of --strategies (default: bonsai, asap, bayes,
+                   spider) with every seed K: train/search.py under its share of the
+                   budget, --search_fraction of it searching; its genotype.json is the
+                   found network. A method's own settings (METHOD_FLAGS) come between
+                   the flagfile and the flags passed through.
   2. tuner         train/tune.py: a KerasTuner random search over the same operation
                    space, as much wall-clock as one strategy's searches together.
   3. retrain-S-sK  every found network trained from scratch for E epochs
@@ -71,13 +72,20 @@ CONTROLLED = {"strategy": "--strategies", "seed": "--seeds", "genotype": "the fo
               "export": "the retrainings (exported) and searches (not)",
               "overwrite": "nothing: sub-runs resume", "verbose": "the sub-runs' logs"}
 
+# Settings that belong to a method, given to its search runs after the flagfile and before
+# the run flags passed through (which win). SpiderNet: the paper's auxiliary weight, rounds
+# short enough for a short search, and a starting width whose minimal network fits the
+# quick flagfile's memory budget (at its scale 32 that network alone is estimated at 233 MB
+# at batch 64, over the 230 MB budget; at 16, 114 MB, and growth fills the rest).
+METHOD_FLAGS = {"spider": ["--scale=16", "--aux_weight=0.4", "--round_epochs=2"]}
+
 OWN = flags.FlagValues()
 flags.DEFINE_string("output_dir", "", "Where everything goes; default runs/compare-<dataset>. "
                     "Running the same command again continues it.", flag_values=OWN)
 # ProxylessNAS is a row with --strategies=...,proxyless (its int8 latency measured like every
 # row's) but not a default one: every strategy added shares the same budget, and the base
 # flagfile names no latency target, so its search would run without its latency term.
-flags.DEFINE_list("strategies", ["bonsai", "asap", "bayes"], "Search strategies to compare "
+flags.DEFINE_list("strategies", ["bonsai", "asap", "bayes", "spider"], "Search strategies to compare "
                   f"(any of {', '.join(config_lib.SEARCHING)}).", flag_values=OWN)
 flags.DEFINE_integer("seeds", 3, "Seeds 0..K-1 of every search and of its retrainings.",
                      flag_values=OWN)
@@ -195,8 +203,9 @@ def parse(argv):
         raise UsageError(f"--flagfile={flagfile} does not exist; expected a run's flag file such "
                          f"as train/configs/fmnist_quick.flags")
     # Every kind of sub-run's configuration is checked now, not an hour from now.
-    cfgs = [resolve_config(flagfile, passthrough, [f"--strategy={s}", "--time_budget_minutes=1",
-                                                   f"--search_fraction={OWN.search_fraction}"])
+    cfgs = [resolve_config(flagfile, METHOD_FLAGS.get(s, []) + passthrough,
+                           [f"--strategy={s}", "--time_budget_minutes=1",
+                            f"--search_fraction={OWN.search_fraction}"])
             for s in strategies]
     resolve_config(flagfile, passthrough, ["--strategy=fixed", "--genotype=found.json",
                                            "--time_budget_minutes=0", "--epochs=1"])
@@ -336,9 +345,10 @@ class Comparison:
         rd.write_json(self._path(STATE_FILE), self.state)
 
     # ---- one sub-run ----------------------------------------------------------------------------
-    def _common(self):
+    def _common(self, strategy=None):
         s = self.settings
-        return [f"--flagfile={s['flagfile']}", *s["passthrough"], "--verbose=0"]
+        return [f"--flagfile={s['flagfile']}", *METHOD_FLAGS.get(strategy, []),
+                *s["passthrough"], "--verbose=0"]
 
     def _ensure(self, name, script, args, done_files):
         """Runs sub-run `name` unless it is finished; returns whether it is finished now."""
@@ -393,7 +403,7 @@ class Comparison:
         s, split = self.settings, self.state["split"]
         minutes = round(split["search_run_seconds"] / 60.0, 4)
         for strategy, k in self.pairs():
-            self._ensure(f"search-{strategy}-s{k}", SEARCH, self._common() + [
+            self._ensure(f"search-{strategy}-s{k}", SEARCH, self._common(strategy) + [
                 f"--strategy={strategy}", f"--seed={k}", f"--time_budget_minutes={minutes}",
                 f"--search_fraction={s['search_fraction']}", "--noexport",
                 f"--output_dir={self._path(f'search-{strategy}-s{k}')}"], ["metrics.json"])

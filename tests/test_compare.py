@@ -548,3 +548,21 @@ def test_compare_end_to_end_on_tiny_images_survives_a_kill(tmp_path):
     tuner = rd.read_json(os.path.join(out, "tuner", "metrics.json"))
     assert tuner["completed_trials"] >= 1
     G.Genotype.load(os.path.join(out, "tuner", "genotype.json"))
+
+
+def test_a_methods_own_settings_reach_its_searches_only_and_yield_to_passed_flags(flagfile,
+                                                                                  tmp_path):
+    compare = load_compare()
+    out = str(tmp_path / "cmp")
+    fake = FakeScripts()
+    argv = ["compare.py", f"--flagfile={flagfile}", "--strategies=bonsai,spider", "--seeds=1",
+            "--minutes=30", f"--output_dir={out}", "--final_subset=64", "--round_epochs=3"]
+    assert compare.main(argv, launcher=fake) == 0
+    calls = {os.path.basename(c["output_dir"]): c for c in fake.calls}
+    spider = calls["search-spider-s0"]
+    # absl takes the last value: the method's scale and aux weight, the passed rounds.
+    assert spider["scale"] == "16" and spider["aux_weight"] == "0.4"
+    assert spider["round_epochs"] == "3"
+    assert spider["args"].index("--scale=16") < spider["args"].index("--round_epochs=3")
+    for name in ("search-bonsai-s0", "retrain-spider-s0", "random-spider-s0"):
+        assert "--scale=16" not in calls[name]["args"], name
