@@ -323,7 +323,7 @@ def test_proxyless_killed_mid_search_resumes_to_the_same_result(data, tmp_path, 
 # a rebuild), the search ends after epoch 4 (2 rounds), epoch 5 is final training.
 def spider_flags(data, out):
     return search_flags(data, out, strategy="spider", memory_budget_mb=0, reductions=1,
-                        round_epochs=2, spider_rounds=2, spider_candidates=0, aux_weight=0.4,
+                        round_epochs=2, spider_rounds=2, spider_candidates=2, aux_weight=0.4,
                         drop_path=0.0)
 
 

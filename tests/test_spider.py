@@ -206,8 +206,8 @@ def test_tiny_search_grows_over_rounds_within_its_budget(tiny_splits, tmp_path):
     for c in range(2):   # room for two splits and not three
         grown = with_cell(grown, c, G.split_edge(grown.cells[c], 0, 1, OPS)[0])
     budget = M.estimate(grown, TINY["batch_size"])["mb"] + 0.01
-    metrics = make_run(tiny_splits, tmp_path, memory_budget_mb=budget, epochs=9,
-                       search_epochs=8, spider_rounds=4, spider_candidates=0).run()
+    metrics = make_run(tiny_splits, tmp_path, memory_budget_mb=budget, epochs=7,
+                       search_epochs=6, spider_rounds=3, spider_candidates=2).run()
     records = _records(tmp_path)
     search = [r for r in records if r["phase"] == "search" or "spider_round" in r]
     nodes = [r["nodes"] for r in records]
