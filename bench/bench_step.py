@@ -5,6 +5,9 @@
 
 Every configuration is the full, unpruned supernet (every operation on every edge,
 pruners and compression loss on), batch 64, one step = forward + backward + SGD.
+--strategies=bonsai,proxyless steps the same supernet as ProxylessNAS does (a sampled
+pair of operations per edge, one active): its memory is that of one sampled network.
+--mixed_precision=none,mixed_bfloat16,mixed_float16 times each precision policy.
 The reference point is the original PyTorch BonsaiNet (batch 64, 32x32x3, scale 16,
 3 cells, all 7 operations): 11 to 16.4 s per step on 2-core machines of this kind
 (../shared/BENCHMARKS.md). Compare on one machine: the output carries its calibration.
@@ -30,6 +33,11 @@ flags.DEFINE_integer("nodes", 4, "Nodes per cell.")
 flags.DEFINE_string("space", "bonsai7", "Operation set.")
 flags.DEFINE_string("pattern_spec", '[["n","na"],["r"]]', "Pattern list (JSON).")
 flags.DEFINE_integer("batch", 64, "Batch size.")
+flags.DEFINE_integer("stem_stride", 1, "Stem stride (2: the quick configuration's).")
+flags.DEFINE_list("mixed_precision", ["none"], "Precision policies to time: none (float32), "
+                  "mixed_float16, mixed_bfloat16.")
+flags.DEFINE_list("strategies", ["bonsai"], "Strategies whose training step to time on the same "
+                  "supernet (bonsai: every operation runs; proxyless: a sampled path).")
 flags.DEFINE_integer("steps", 5, "Timed steps per configuration (after 2 warm-up steps).")
 flags.DEFINE_bool("jit_compile", False, "Compile the step with XLA.")
 flags.DEFINE_enum("graph_optimizer", "auto", ["auto", "on", "off"],
@@ -39,7 +47,7 @@ FLAGS = flags.FLAGS
 
 
 def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps, jit,
-                graph_optimizer="auto"):
+                graph_optimizer="auto", strategy="bonsai", mixed_precision="none", stem_stride=1):
     import numpy as np
     import tensorflow as tf
     from bonsai_tf import config as config_lib
@@ -56,18 +64,24 @@ def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps
     x = np.random.RandomState(0).randint(0, 255, (batch, h, w, c)).astype(np.uint8)
     y = np.arange(batch) % 10
     splits = data_lib.Splits(train=(x, y), val=(x[:0], y[:0]), test=(x, y), info=info)
+    # val_size 1 only satisfies the bi-level strategies' check: no architecture step runs.
     cfg = config_lib.RunConfig(scale=scale, nodes=nodes, space=space, patterns=pattern_spec,
                                batch_size=batch, epochs=1, search_epochs=1, jit_compile=jit,
                                drop_path=0.3, measure_memory=False,
-                               graph_optimizer=graph_optimizer)
+                               graph_optimizer=graph_optimizer, strategy=strategy, val_size=1,
+                               proxyless_warmup_epochs=0, mixed_precision=mixed_precision,
+                               stem_stride=stem_stride)
     run = engine.Run(cfg, splits, "/tmp/bench_step_unused", verbose=0)
-    g = run.strategy.initial_genotype()
+    g = genotype_lib.initial(space, shape, 10, scale, nodes, pattern_spec, 1,
+                             stem_stride=stem_stride)
     while genotype_lib.num_patterns(g) < patterns:
         g = genotype_lib.grow(g)
-    run.prepare(genotype=g)  # the full supernet of `patterns` patterns
+    # The full supernet of `patterns` patterns; ProxylessNAS runs a sampled path of it
+    # (two operations per edge, one active), so its step's memory is that of one path.
+    run.prepare(genotype=g)
     run._set_lrs(0)
     xb, yb = tf.constant(x, tf.float32), tf.constant(y, tf.int64)
-    inputs = {"aim": tf.constant(0.5), "pressure": tf.constant(1.0)}
+    inputs = {k: tf.constant(v, tf.float32) for k, v in run.strategy.step_inputs(run.net).items()}
     # The first step traces and optimises the graph: what a search pays again after
     # every structural change.
     started = time.perf_counter()
@@ -82,7 +96,9 @@ def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps
     measured = memory_lib.measure_step_peak(
         lambda: run.train_step(xb, yb, inputs)["loss"].numpy())
     step = float(np.median(times))
-    return {"scale": scale, "patterns": patterns, "shape": list(shape), "nodes": nodes,
+    return {"strategy": strategy, "mixed_precision": mixed_precision, "scale": scale,
+            "stem_stride": stem_stride,
+            "patterns": patterns, "shape": list(shape), "nodes": nodes,
             "space": space, "cells": len(g.cells), "operations": g.num_ops(), "batch": batch,
             "params": run.net.count_params(), "seconds_per_step": step,
             "images_per_second": batch / step, "jit_compile": jit,
@@ -103,11 +119,13 @@ def main(argv):
     for shape in FLAGS.shapes:
         shape = tuple(int(v) for v in shape.split("x"))
         for scale in FLAGS.scales:
-            for n in FLAGS.patterns:
+            for n, strategy, mp in [(n, s, m) for n in FLAGS.patterns for s in FLAGS.strategies
+                                    for m in FLAGS.mixed_precision]:
                 r = time_config(int(scale), int(n), shape, FLAGS.nodes, FLAGS.space,
                                 _json.loads(FLAGS.pattern_spec), FLAGS.batch, FLAGS.steps,
-                                FLAGS.jit_compile, FLAGS.graph_optimizer)
-                print(f"{'x'.join(map(str, shape)):>8} scale {r['scale']:>3} patterns {n} cells "
+                                FLAGS.jit_compile, FLAGS.graph_optimizer, strategy, mp,
+                                FLAGS.stem_stride)
+                print(f"{strategy:>9} {mp:>14} {'x'.join(map(str, shape)):>8} scale {r['scale']:>3} patterns {n} cells "
                       f"{r['cells']} ops {r['operations']:>4}: {r['seconds_per_step']:.3f} s/step, "
                       f"{r['images_per_second']:.0f} img/s, first step {r['first_step_seconds']:.1f} s, memory est {r['memory_estimate_mb']:.0f} MB "
                       f"measured {r['memory_measured_mb'] or float('nan'):.0f} MB", flush=True)

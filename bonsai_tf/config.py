@@ -152,6 +152,7 @@ class RunConfig:
     deterministic: bool = False
     jit_compile: bool = False
     graph_optimizer: str = "auto"   # Grappler: auto (off without a GPU), on, off
+    mixed_precision: str = "none"   # or mixed_float16 (loss-scaled), mixed_bfloat16
     steps_per_epoch: int = 0       # 0 = one pass over the training data
     measure_memory: bool = True
 
@@ -185,6 +186,8 @@ class RunConfig:
         check(self.augment in AUGMENT, "augment", f"one of {AUGMENT} ('' = the dataset's default)")
         check(self.graph_optimizer in machine.GRAPH_OPTIMIZER_CHOICES, "graph_optimizer",
               f"one of {machine.GRAPH_OPTIMIZER_CHOICES}")
+        check(self.mixed_precision in machine.PRECISIONS, "mixed_precision",
+              f"one of {machine.PRECISIONS}")
         check(self.space in space_lib.SPACES, "space", f"one of {sorted(space_lib.SPACES)}")
         check(self.scale >= 1, "scale", ">= 1")
         check(1 <= self.nodes <= 16, "nodes", "in [1, 16]")

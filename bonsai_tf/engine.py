@@ -73,6 +73,12 @@ def _as_list(outs):
     return list(outs) if isinstance(outs, (list, tuple)) else [outs]
 
 
+def _then_true(fn):
+    """A tf.cond branch that runs fn's stateful ops and returns True."""
+    fn()
+    return tf.constant(True)
+
+
 class Run:
     """Runs `config` (RunConfig) on `splits` (data.Splits) in `run_dir`.
 
@@ -98,6 +104,8 @@ class Run:
             max_patterns=self.max_patterns, search_epochs=self.search_epochs))
         self.strategy.attach(self._held_out_batches)
         machine.configure_graph_optimizer(config.graph_optimizer)
+        # Every layer takes its dtype policy when it is made: set before any network.
+        machine.set_precision_policy(config.mixed_precision)
         self.net = None
         self.state = None
         self.plan = None
@@ -130,9 +138,15 @@ class Run:
         self.net = network_lib.Network(g, self.mean, self.std, with_pruners=arch != "none",
                                        drop_path=cfg.drop_path, seed=cfg.seed,
                                        mixing=arch if arch != "none" else "saw")
-        self.opt = optim.MomentumSGD(cfg.momentum, cfg.weight_decay)
+        self.opt = self._new_optimizer()
         self.arch_opt = optim.Adam(cfg.arch_lr) if self.strategy.bilevel else None
         self._compile()
+
+    def _new_optimizer(self):
+        cfg = self.cfg
+        # float16 activations need loss scaling; bfloat16 has float32's exponent range.
+        scale = optim.DynamicLossScale() if cfg.mixed_precision == "mixed_float16" else None
+        return optim.MomentumSGD(cfg.momentum, cfg.weight_decay, loss_scale=scale)
 
     # ---- compiled steps ---------------------------------------------------------------
     def _groups(self):
@@ -177,6 +191,7 @@ class Run:
                                                            label_smoothing=cfg.label_smoothing)
         smoothing, num_classes, aux_w = cfg.label_smoothing, self.num_classes, cfg.aux_weight
         variables, opt = self.variables, self.opt
+        scale = opt.loss_scale
 
         def ce(y, logits):
             if smoothing:
@@ -184,7 +199,8 @@ class Run:
             return loss_fn(y, logits)
 
         def total_loss(x, y):
-            outs = _as_list(model(x, training=True))
+            # Logits in float32 whatever the compute dtype: the loss wants the range.
+            outs = [tf.cast(o, tf.float32) for o in _as_list(model(x, training=True))]
             main = ce(y, outs[0])
             total = main
             if len(outs) > 1:
@@ -196,15 +212,24 @@ class Run:
                 outs, main, total = total_loss(x, y)
                 comp = extra(inputs) if extra is not None else tf.constant(0.0)
                 total = total + comp
-            grads = tape.gradient(total, variables)
-            opt.apply(grads)
+                # Scaled inside the tape: the gradient must see the multiply.
+                scaled = scale.scaled(total) if scale is not None else None
+            if scale is None:
+                opt.apply(tape.gradient(total, variables))
+            else:
+                grads = scale.unscale(tape.gradient(scaled, variables))
+                finite = scale.all_finite(grads)
+                # An overflowed step is skipped (the weights stay) and the scale halves.
+                tf.cond(finite, lambda: _then_true(lambda: opt.apply(grads)),
+                        lambda: tf.constant(False))
+                scale.update(finite)
             if post_train is not None:
                 post_train()
             correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(outs[0], -1), y), tf.float32))
             return {"loss": total, "ce": main, "compression_loss": comp, "correct": correct}
 
         def eval_step(x, y):
-            logits = _as_list(model(x, training=False))[0]
+            logits = tf.cast(_as_list(model(x, training=False))[0], tf.float32)
             loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
             correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), y), tf.float32))
             return {"loss_sum": loss, "correct": correct}
@@ -236,12 +261,25 @@ class Run:
                     term = arch_term(total, inputs) if arch_term is not None else None
                     if extra is not None:
                         total = total + extra(inputs)
-                # (a list of targets: the gradient of their sum)
-                grads = tape.gradient(total if term is None else [total, term], arch_vars)
+                    # (a list of targets: the gradient of their sum)
+                    targets = [total] if term is None else [total, term]
+                    if scale is not None:
+                        targets = [scale.scaled(t) for t in targets]
+                grads = tape.gradient(targets, arch_vars)
+                if scale is not None:
+                    grads = scale.unscale(grads)
                 old = [tf.identity(v.value) for v in arch_vars] if post is not None else None
-                arch_opt.apply(grads)
-                if post is not None:
-                    post(old)
+
+                def update():
+                    arch_opt.apply(grads)
+                    if post is not None:
+                        post(old)
+                if scale is None:
+                    update()
+                else:
+                    # The weights' step owns the scale; an overflow here only skips.
+                    tf.cond(scale.all_finite(grads), lambda: _then_true(update),
+                            lambda: tf.constant(False))
                 return {"loss": total, "ce": main}
             self.arch_step = tf.function(arch_step, jit_compile=jit,
                                          input_signature=spec + [scalars], autograph=False)
@@ -561,7 +599,7 @@ class Run:
         st.phase, st.phase_epochs = "final", 0
         self._retrace_pending = False  # the final network's first trace is not a search cost
         st.genotype = self.net.genotype.to_dict()
-        self.opt = optim.MomentumSGD(self.cfg.momentum, self.cfg.weight_decay)
+        self.opt = self._new_optimizer()
         self.arch_opt = None
         self._compile()
         self._write_genotype()

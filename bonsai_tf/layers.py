@@ -111,12 +111,15 @@ class SawGate(keras.layers.Layer):
         if self.clamp is not None:
             c = self.clamp
             constraint = lambda w: K.clip(w, -c, c)  # noqa: E731 - SpiderNet's clamp
+        # Gates stay float32 under a mixed precision policy (autocast off): a step of
+        # g(w) at 0 and softmax logits want the full precision.
         self.w = self.add_weight(name="w", shape=(), trainable=True, constraint=constraint,
-                                 initializer=keras.initializers.Constant(self.init_weight))
+                                 initializer=keras.initializers.Constant(self.init_weight),
+                                 autocast=False)
         self.open_records = self.add_weight(name="open_records", shape=(), trainable=False,
-                                            initializer="zeros")
+                                            initializer="zeros", autocast=False)
         self.records = self.add_weight(name="records", shape=(), trainable=False,
-                                       initializer="zeros")
+                                       initializer="zeros", autocast=False)
 
     def gate(self):
         return saw_gate_value(self.w)
@@ -183,8 +186,10 @@ class Standardize(keras.layers.Layer):
         self.std = tuple(float(v) for v in std)
 
     def call(self, inputs):
-        x = K.cast(inputs, "float32")
-        return (x - K.convert_to_tensor(self.mean)) * K.convert_to_tensor([1.0 / s for s in self.std])
+        # Raw pixels in, the policy's compute dtype out (float32 unless mixed precision).
+        x = K.cast(inputs, self.compute_dtype)
+        return ((x - K.convert_to_tensor(self.mean, dtype=x.dtype))
+                * K.convert_to_tensor([1.0 / s for s in self.std], dtype=x.dtype))
 
     def get_config(self):
         return {**super().get_config(), "mean": list(self.mean), "std": list(self.std)}
@@ -194,9 +199,11 @@ class _BNVars:
     """The four variables of one batch norm, made by `layer.add_weight` under `prefix`."""
 
     def __init__(self, layer, channels, prefix):
+        # Never autocast: under a mixed precision policy the fused kernel takes half (or
+        # bfloat16) activations with float32 scale, offset and statistics.
         def add(name, init, trainable):
             return layer.add_weight(name=f"{prefix}{name}", shape=(channels,), initializer=init,
-                                    trainable=trainable)
+                                    trainable=trainable, autocast=False)
         self.gamma = add("gamma", "ones", True)
         self.beta = add("beta", "zeros", True)
         self.moving_mean = add("moving_mean", "zeros", False)
@@ -223,7 +230,8 @@ class _BNVars:
             self.moving_variance.assign(var)
             return y
         scale = gamma * tf.math.rsqrt(self.moving_variance.value + BN_EPSILON)
-        return x * scale + (beta - self.moving_mean.value * scale)
+        offset = beta - self.moving_mean.value * scale
+        return x * tf.cast(scale, x.dtype) + tf.cast(offset, x.dtype)
 
 
 @keras.saving.register_keras_serializable(PACKAGE)
@@ -396,7 +404,7 @@ class DropPath(keras.layers.Layer):
     def call(self, inputs, training=None):
         if not training or self.rate == 0.0:
             return inputs
-        return inputs * self.mask(K.shape(inputs)[0])
+        return inputs * K.cast(self.mask(K.shape(inputs)[0]), inputs.dtype)
 
     def get_config(self):
         return {**super().get_config(), "rate": self.rate, "seed": self.seed}
@@ -619,9 +627,9 @@ class Edge(keras.layers.Layer):
             def branch():
                 y, folded = op.run(x, training, relu_x, gain)
                 if gain is not None and not folded:
-                    y = y * gain
+                    y = y * tf.cast(gain, y.dtype)
                 if drop is not None and training:
-                    y = y * drop.mask(tf.shape(y)[0])
+                    y = y * tf.cast(drop.mask(tf.shape(y)[0]), y.dtype)
                 return y
             return branch
         return tf.switch_case(index, [make(op, d) for op, d in zip(self.operations, self.drops)])
@@ -669,10 +677,11 @@ class Edge(keras.layers.Layer):
         out = []
         for op, gain, drop in zip(self.operations, gains, self.drops):
             y, folded = op.run(x, training, relu_x, gain, affine=not self.switched)
+            # Gains are float32 (gates never autocast); activations may be half.
             if gain is not None and not folded:
-                y = y * gain
+                y = y * tf.cast(gain, y.dtype)
             if drop is not None and training:
-                y = y * drop.mask(tf.shape(y)[0])
+                y = y * tf.cast(drop.mask(tf.shape(y)[0]), y.dtype)
             out.append(y)
         return out
 
@@ -819,7 +828,7 @@ class BonsaiCell(keras.layers.Layer):
                 if str(j) in self.y_adapt:
                     t = self.y_adapt[str(j)](t, training=training)
                 if str(j) in gates:
-                    t = t * gates[str(j)]
+                    t = t * tf.cast(gates[str(j)], t.dtype)
                 ys.append(t)
             values["y"] = ys[0] if len(ys) == 1 else tf.math.add_n(ys)
         out = None

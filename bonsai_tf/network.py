@@ -246,6 +246,17 @@ def deployable(net):
     """
     if net.with_pruners:
         raise ValueError("deployable() takes a network without pruners: call final() first")
+    # The deployable model computes in float32 whatever policy the run trained under:
+    # its layers are made under the float32 policy, then the run's policy is restored.
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        return _deployable(net)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+
+
+def _deployable(net):
     layers_ = keras.layers
     g = net.genotype
     names = set()

@@ -27,6 +27,54 @@ def _resource(v):
     return value if isinstance(value, tf.Variable) else v
 
 
+class DynamicLossScale:
+    """Dynamic loss scaling for float16 activations (mixed_float16), as Keras'
+    LossScaleOptimizer does it: the loss is multiplied by `scale` before the gradient
+    so that small gradients survive float16, the gradients are divided by it after. A
+    step whose gradients are not all finite is skipped and the scale halved; after
+    `growth_interval` finite steps in a row it doubles. Its two variables are
+    optimizer state (checkpointed with the slots)."""
+
+    def __init__(self, initial=2.0 ** 15, growth_interval=2000):
+        if not initial >= 1 or growth_interval < 1:
+            raise ValueError(f"loss scale {initial!r} and growth interval {growth_interval!r}; "
+                             f"expected a scale >= 1 and an interval >= 1")
+        self.growth_interval = int(growth_interval)
+        self.scale = tf.Variable(float(initial), trainable=False, name="loss_scale")
+        self.good_steps = tf.Variable(0.0, trainable=False, name="loss_scale_good_steps")
+
+    def scaled(self, loss):
+        return loss * self.scale
+
+    def unscale(self, grads):
+        inv = 1.0 / self.scale
+        return [None if g is None else g * tf.cast(inv, g.dtype) for g in grads]
+
+    @staticmethod
+    def all_finite(grads):
+        checks = [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
+        return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
+
+    def update(self, finite):
+        """After a step: halve on an overflow, double after growth_interval good steps."""
+        good = tf.where(finite, self.good_steps + 1.0, 0.0)
+        grow = good >= float(self.growth_interval)
+        scale = tf.where(finite, tf.where(grow, self.scale * 2.0, self.scale),
+                         tf.maximum(self.scale * 0.5, 1.0))
+        self.scale.assign(scale)
+        self.good_steps.assign(tf.where(grow, 0.0, good))
+
+    def state(self):
+        return {"scale": np.asarray(self.scale.numpy()),
+                "good_steps": np.asarray(self.good_steps.numpy())}
+
+    def load_state(self, arrays):
+        if "scale" in arrays:
+            self.scale.assign(arrays["scale"])
+        if "good_steps" in arrays:
+            self.good_steps.assign(arrays["good_steps"])
+
+
 def _slot_key(path, moved):
     """The old path whose slot a variable at `path` takes over: its own, the one it moved
     from, or none (a new variable at a path another variable moved away from)."""
@@ -38,12 +86,13 @@ def _slot_key(path, moved):
 
 
 class MomentumSGD:
-    def __init__(self, momentum=0.9, weight_decay=3e-4):
+    def __init__(self, momentum=0.9, weight_decay=3e-4, loss_scale=None):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
         self.momentum, self.weight_decay = momentum, weight_decay
+        self.loss_scale = loss_scale     # DynamicLossScale under mixed_float16, else None
         self.slots = {}      # variable path -> tf.Variable
         self.lrs = {}        # group name -> tf.Variable
         self.plan = []       # [(variable, slot, lr variable, decay)]
@@ -90,6 +139,8 @@ class MomentumSGD:
     def state(self):
         out = {f"slot/{k}": v.numpy() for k, v in self.slots.items()}
         out.update({f"lr/{k}": np.asarray(v.numpy()) for k, v in self.lrs.items()})
+        if self.loss_scale is not None:
+            out.update({f"loss_scale/{k}": v for k, v in self.loss_scale.state().items()})
         return out
 
     def load_state(self, arrays):
@@ -98,6 +149,9 @@ class MomentumSGD:
                 self.slots[key[5:]].assign(value)
             elif key.startswith("lr/") and key[3:] in self.lrs:
                 self.lrs[key[3:]].assign(value)
+        if self.loss_scale is not None:
+            self.loss_scale.load_state({k[11:]: v for k, v in arrays.items()
+                                        if k.startswith("loss_scale/")})
 
 
 class Adam:

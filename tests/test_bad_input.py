@@ -198,6 +198,7 @@ FLAG_CASES = [
     (["--deterministic=maybe"], ["--deterministic=maybe", "true or false"]),
     (["--strategy=greedy"], ["--strategy=greedy", "bonsai|asap|bayes|proxyless|spider|random|fixed"]),
     (["--graph_optimizer=maybe"], ["--graph_optimizer=maybe", "auto|on|off"]),
+    (["--mixed_precision=fp8"], ["--mixed_precision=fp8", "none|mixed_float16|mixed_bfloat16"]),
     # not flags of ours
     (["--scael=3"], ["scael", "Did you mean: scale"]),
     (["extra"], ["unexpected arguments ['extra']", "only --flags"]),
@@ -207,7 +208,7 @@ FLAG_CASES = [
 # Messages (absl's, genotype.py's) that name the expectation in other words, which
 # the fragments of these cases check: "Did you mean", "must be", "should be one of".
 OTHER_WORDS = {"--scael=3", '--patterns=[["r"]]', "--strategy=greedy", "--proxyless_grad=darts",
-               "--graph_optimizer=maybe"}
+               "--graph_optimizer=maybe", "--mixed_precision=fp8"}
 
 
 def _case_id(case):

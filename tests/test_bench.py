@@ -17,12 +17,15 @@ def test_bench_step_times_a_tiny_supernet_and_writes_its_figures(tmp_path):
         [sys.executable, os.path.join(ROOT, "bench", "bench_step.py"), "--scales=4",
          "--shapes=8x8x1", "--patterns=1", "--nodes=1", "--space=small",
          '--pattern_spec=[["n"],["r"]]', "--batch=4", "--steps=1", "--graph_optimizer=on",
-         f"--out={out}"],
+         "--strategies=bonsai,proxyless", f"--out={out}"],
         capture_output=True, text=True, timeout=600,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    (row,) = result["results"]
-    assert row["cells"] == 1 and row["operations"] > 0 and row["seconds_per_step"] > 0
-    assert row["first_step_seconds"] > 0 and row["graph_optimizer_on"] is True
+    bonsai, proxyless = result["results"]
+    assert [bonsai["strategy"], proxyless["strategy"]] == ["bonsai", "proxyless"]
+    for row in (bonsai, proxyless):   # the same supernet, stepped two ways
+        assert row["cells"] == 1 and row["operations"] > 0 and row["seconds_per_step"] > 0
+        assert row["first_step_seconds"] > 0 and row["graph_optimizer_on"] is True
+    assert proxyless["operations"] == bonsai["operations"]
     assert result["machine"]["usable_cpus"] >= 1

@@ -138,6 +138,11 @@ flags.DEFINE_enum("graph_optimizer", D.graph_optimizer, ["auto", "on", "off"],
                   "TensorFlow's graph optimizer (Grappler) on traced steps. auto: off on a "
                   "machine without a GPU, where it made retracing after every structural change "
                   "2-3x slower and the step no faster; on with a GPU.")
+flags.DEFINE_enum("mixed_precision", D.mixed_precision, ["none", "mixed_float16",
+                  "mixed_bfloat16"], "Keras mixed precision: float32 variables (gates and batch "
+                  "norms in float32 throughout), float16 activations with dynamic loss scaling, "
+                  "or bfloat16 activations. For GPUs; never timed on one here, and slower on "
+                  "this CPU (README).")
 flags.DEFINE_integer("steps_per_epoch", D.steps_per_epoch, "Cap on steps per epoch (0: all).")
 flags.DEFINE_bool("measure_memory", D.measure_memory, "Measure allocator peak memory.")
 FLAGS = flags.FLAGS
