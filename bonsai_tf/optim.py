@@ -75,14 +75,13 @@ class DynamicLossScale:
             self.good_steps.assign(arrays["good_steps"])
 
 
-def _slot_key(path, moved):
-    """The old path whose slot a variable at `path` takes over: its own, the one it moved
-    from, or none (a new variable at a path another variable moved away from)."""
-    if not moved:
-        return path
-    if path in moved:
-        return moved[path]
-    return None if path in set(moved.values()) else path
+def _slot_keys(moved):
+    """A function of a variable's path giving the old path whose slot it takes over: its
+    own, the one it moved from, or None (a new variable at a path another variable moved
+    away from). `moved` is read once per build, not once per variable."""
+    moved = dict(moved or {})
+    vacated = set(moved.values())
+    return lambda path: moved[path] if path in moved else (None if path in vacated else path)
 
 
 class MomentumSGD:
@@ -102,11 +101,12 @@ class MomentumSGD:
         path: old path} of variables whose values moved to a new path (renumbered nodes):
         their momentum moves with them."""
         slots, plan = {}, []
+        slot_key = _slot_keys(moved)
         for name, variables, decay in groups:
             if name not in self.lrs:
                 self.lrs[name] = tf.Variable(0.0, trainable=False, name=f"lr_{name}")
             for v in variables:
-                slot = self.slots.get(_slot_key(v.path, moved))
+                slot = self.slots.get(slot_key(v.path))
                 if slot is None or tuple(slot.shape) != tuple(v.shape):
                     slot = tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False)
                 slots[v.path] = slot
@@ -171,8 +171,9 @@ class Adam:
 
     def build(self, variables, moved=None):
         slots, plan = {}, []
+        slot_key = _slot_keys(moved)
         for v in variables:
-            pair = self.slots.get(_slot_key(v.path, moved))
+            pair = self.slots.get(slot_key(v.path))
             if pair is None or tuple(pair[0].shape) != tuple(v.shape):
                 pair = (tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False),
                         tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False))
