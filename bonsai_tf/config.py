@@ -16,6 +16,7 @@ AUGMENT = ("", "none", "crop", "crop_flip", "crop_flip_cutout")  # data.AUGMENT_
 # ProxylessNAS's gradient to the alphas (strategies/proxyless.py): BinaryConnect through
 # two-path gates, or REINFORCE over one path drawn from the full softmax.
 PROXYLESS_GRADS = ("binaryconnect", "reinforce")
+LATENCY_SELECTS = ("measured", "table", "argmax")
 
 
 class ConfigError(ValueError):
@@ -134,6 +135,10 @@ class RunConfig:
     latency_target_ms: float = 0.0
     latency_weight: float = 1.0
     latency_int8: bool = True
+    # ProxylessNAS's final network under a target: the most probable one found at or below
+    # it, timed here ("measured") or predicted by the table ("table"); or the plain
+    # argmax ("argmax", the paper's rule) (LATENCY_SELECTS)
+    latency_select: str = "measured"
     # SpiderNet (METHODS.md): reductions + 1 cells grown by edge splits in rounds of
     # round_epochs epochs; deadhead below the open share; candidate edges per cell and
     # round (0 = all); the batches of the train-free scores
@@ -233,6 +238,8 @@ class RunConfig:
         check(self.proxyless_warmup_epochs >= 0, "proxyless_warmup_epochs", ">= 0")
         check(self.proxyless_grad in PROXYLESS_GRADS, "proxyless_grad",
               f"one of {PROXYLESS_GRADS}")
+        check(self.latency_select in LATENCY_SELECTS, "latency_select",
+              f"one of {LATENCY_SELECTS}")
         check(self.latency_target_ms >= 0 and math.isfinite(self.latency_target_ms),
               "latency_target_ms", ">= 0 (0 = no latency term)")
         check(self.latency_weight >= 0, "latency_weight", ">= 0")

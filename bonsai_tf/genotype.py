@@ -482,9 +482,22 @@ def _without(cell, kind, key):
 def strongest_ops(genotype):
     """`genotype` with only the operation of largest weight on every edge (ASAP's and
     ProxylessNAS's final network: the weights are their architecture parameters)."""
+    return one_op_per_edge(genotype, {
+        (c, k): max(range(len(e.ops)), key=lambda i: e.ops[i][1])
+        for c, cell in enumerate(genotype.cells) for k, e in enumerate(cell.edges)})
+
+
+def one_op_per_edge(genotype, choice):
+    """`genotype` with one operation on every edge: choice[(cell index, edge index)] is
+    the index of the kept operation in that edge's `ops` (its weight is kept)."""
+    missing = [(c, k) for c, cell in enumerate(genotype.cells) for k in range(len(cell.edges))
+               if (c, k) not in choice]
+    if missing:
+        raise GenotypeError(f"no operation chosen for edges {missing[:3]} (cell, edge) of "
+                            f"{len(missing)}: expected one per edge")
     cells = tuple(dataclasses.replace(c, edges=tuple(
-        dataclasses.replace(e, ops=(max(e.ops, key=lambda o: o[1]),)) for e in c.edges))
-        for c in genotype.cells)
+        dataclasses.replace(e, ops=(e.ops[choice[(i, k)]],)) for k, e in enumerate(c.edges)))
+        for i, c in enumerate(genotype.cells))
     return dataclasses.replace(genotype, cells=cells).canonical()
 
 

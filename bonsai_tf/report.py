@@ -838,6 +838,40 @@ def _spider_lines(metrics, records):
     return lines + [""]
 
 
+def _latency_lines(metrics, records):
+    """ProxylessNAS under a target: the expected latency the search held, the argmax and
+    the network chosen, each measured or predicted, and the switches between them."""
+    sel = (metrics or {}).get("latency_selection")
+    if not isinstance(sel, dict):
+        return []
+    expected = _last_value(records, "expected_latency_ms")
+    target = sel.get("target_ms")
+    lines = ["## Latency target", "",
+             f"Target {_fmt(target)} ms (batch 1, on this machine); the search's expected "
+             f"latency at its end {_fmt(expected)} ms. The final network is the dearest at "
+             f"or under the target on the argmax's most probable way up or down "
+             f"(`--latency_select={_md(sel.get('select'))}`).", "",
+             "| | predicted ms | measured ms |", "|---|---|---|",
+             f"| argmax of the alphas | {_fmt(sel.get('argmax_predicted_ms'))} | "
+             f"{_fmt(sel.get('argmax_measured_ms'))} |",
+             f"| final network | {_fmt(sel.get('predicted_ms'))} | "
+             f"{_fmt(sel.get('measured_ms'))} |", ""]
+    switches = sel.get("switches") or []
+    if switches:
+        lines += [f"{len(switches)} switch(es) {_md(sel.get('direction'))} from the argmax:", "",
+                  "| cell | edge | from | to | ms saved (table) | log-probability lost |",
+                  "|---|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(_fmt(sw.get(k)) for k in (
+            "cell", "edge", "from", "to", "saved_ms", "log_p_lost")) + " |"
+            for sw in switches if isinstance(sw, dict)]
+        lines.append("")
+    lines += [f"Target {'met' if sel.get('met') else '**not met**'}"
+              f"{'' if sel.get('met') else ' (every edge at its cheapest operation, or the measurements used up)'}; "
+              f"{len(sel.get('measurements') or [])} network(s) measured in "
+              f"{_fmt(sel.get('seconds'))} s.", ""]
+    return lines
+
+
 def write_report(run_dir):
     """Writes report.md and its PNGs into run_dir; returns the report's path."""
     if not os.path.isdir(run_dir):
@@ -884,6 +918,7 @@ def write_report(run_dir):
 
     lines += _given_lines(metrics, records)
     lines += _spider_lines(metrics, records)
+    lines += _latency_lines(metrics, records)
 
     lines += ["## Cells", ""]
     cells = genotype.get("cells") if genotype else None

@@ -158,6 +158,7 @@ FLAG_CASES = [
     (["--proxyless_grad=darts"], ["--proxyless_grad=darts", "binaryconnect|reinforce"]),
     (["--latency_target_ms=-2"], ["latency_target_ms = -2.0", ">= 0"]),
     (["--latency_weight=-1"], ["latency_weight = -1.0", ">= 0"]),
+    (["--latency_select=fastest"], ["--latency_select=fastest", "measured|table|argmax"]),
     (["--strategy=proxyless", "--val_size=0"], ["val_size = 0", "with strategy=proxyless"]),
     (["--reductions=-1"], ["reductions = -1", "[0, 8]"]),
     (["--reductions=9"], ["reductions = 9", "[0, 8]"]),
@@ -208,6 +209,7 @@ FLAG_CASES = [
 # Messages (absl's, genotype.py's) that name the expectation in other words, which
 # the fragments of these cases check: "Did you mean", "must be", "should be one of".
 OTHER_WORDS = {"--scael=3", '--patterns=[["r"]]', "--strategy=greedy", "--proxyless_grad=darts",
+               "--latency_select=fastest",
                "--graph_optimizer=maybe", "--mixed_precision=fp8"}
 
 

@@ -390,3 +390,144 @@ def test_the_latency_table_covers_every_operation_of_the_supernet(tiny_splits, t
     assert all(m >= 0 for _, ms in edges for m in ms) and s.fixed_ms > 0
     assert sum(m for _, ms in edges for m in ms) > 0
     assert "expected_latency_ms" in s.record(run.net)
+
+
+# ---- the final network under the target -------------------------------------------
+# Made-up per-operation latencies: the selection only sees predict() and measure().
+OP_MS = {"identity": 0.0, "max_pool_3x3": 0.1, "avg_pool_3x3": 0.1, "sep_conv_3x3": 0.5,
+         "dil_conv_3x3": 0.6, "conv_3x3": 1.0}
+
+
+def _supernet(alphas_per_edge):
+    """A one-cell genotype of the small space (two nodes, five edges) whose edge k
+    carries alphas_per_edge[k]; the edges after those sure of the (0 ms) identity."""
+    g = G.initial("small", (8, 8, 1), 10, 4, 2, (("n",),), 1, 0.0)
+    cell = g.cells[0]
+    alphas_per_edge = list(alphas_per_edge) + [_alphas(identity=9.0)] * (
+        len(cell.edges) - len(alphas_per_edge))
+    edges = tuple(G.Edge(e.src, e.dst, tuple((op, float(alphas[op])) for op, _ in e.ops))
+                  for e, alphas in zip(cell.edges, alphas_per_edge))
+    import dataclasses
+    return dataclasses.replace(g, cells=(dataclasses.replace(cell, edges=edges),))
+
+
+def _predict(fixed=0.2):
+    return lambda g: fixed + sum(OP_MS[op] for c in g.cells for e in c.edges for op in e.op_names())
+
+
+def _alphas(**strong):
+    base = {op: 0.0 for op in OP_MS}
+    return {**base, **strong}
+
+
+def test_an_argmax_under_the_target_is_kept_when_no_dearer_step_fits():
+    g = _supernet([_alphas(sep_conv_3x3=2.0)] * 3)
+    # argmax 0.2 + 3 * 0.5 = 1.7 ms; the first step up (to dil_conv, +0.1 ms) is 1.8 ms
+    final, record = proxyless.select_under_target(g, 1.75, _predict())
+    assert final.hash() == G.strongest_ops(g).hash()
+    assert record["switches"] == [] and record["met"] and record["measured_ms"] is None
+    assert record["direction"] == "argmax" and record["predicted_ms"] == pytest.approx(1.7)
+
+
+def test_an_argmax_well_under_the_target_spends_the_rest():
+    # A target is a budget: the most probable way up, while it fits
+    g = _supernet([_alphas(sep_conv_3x3=2.0, dil_conv_3x3=1.9)] * 3)
+    final, record = proxyless.select_under_target(g, 2.05, _predict())
+    ops = [e.op_names()[0] for e in final.cells[0].edges]
+    assert ops[:3].count("dil_conv_3x3") == 3 and record["direction"] == "up"
+    assert record["predicted_ms"] == pytest.approx(2.0) and record["met"]
+    assert [s["to"] for s in record["switches"]] == ["dil_conv_3x3"] * 3
+    assert all(s["saved_ms"] == pytest.approx(-0.1) for s in record["switches"])
+
+
+def test_the_cheapest_switch_per_ms_goes_first():
+    # Edge 0 is sure of conv_3x3 (it would lose a lot of log-probability), edge 1 is torn
+    # between conv_3x3 and max_pool_3x3 (it loses little), edge 2 holds a pool already.
+    g = _supernet([_alphas(conv_3x3=6.0), _alphas(conv_3x3=1.0, max_pool_3x3=0.9),
+                   _alphas(avg_pool_3x3=3.0)])
+    # argmax: 0.2 + 1.0 + 1.0 + 0.1 = 2.3 ms; one switch of edge 1 to its pool: 1.4 ms
+    final, record = proxyless.select_under_target(g, 1.5, _predict())
+    assert [(s["to"]) for s in record["switches"]] == ["max_pool_3x3"]
+    ops = [e.op_names()[0] for e in final.cells[0].edges]
+    assert ops[:3] == ["conv_3x3", "max_pool_3x3", "avg_pool_3x3"]
+    assert record["predicted_ms"] == pytest.approx(1.4) and record["met"]
+
+
+@pytest.mark.parametrize("measure", [lambda p: 1.3 * p, lambda p: p + 0.45,
+                                     lambda p: p * p + 0.3])
+def test_measurements_find_the_first_network_of_the_path_under_the_target(measure):
+    # The whole network runs slower than its table predicts (as one that misses the
+    # table's fusion would), by a factor, an offset or more on larger networks: the
+    # table alone stops too early; the measured search stops at the path's first step
+    # measured under the target, not beyond it.
+    g = _supernet([_alphas(conv_3x3=2.0, sep_conv_3x3=1.5, max_pool_3x3=1.0)] * 3)
+    predict = _predict()
+    path, start = proxyless.target_path(g, predict)
+    truth = [measure(p) for _, p, _ in path]
+    want = next(k for k, ms in enumerate(truth) if ms <= 2.0)
+    assert want > start + 1 and truth[want - 1] > 2.0
+    calls = []
+
+    def timed(c):
+        calls.append(c.hash())
+        return measure(predict(c))
+    table_only, rec_table = proxyless.select_under_target(g, 2.0, predict)
+    assert rec_table["met"] and measure(predict(table_only)) > 2.0
+    final, record = proxyless.select_under_target(g, 2.0, predict, timed)
+    assert len(record["switches"]) == want - start and record["met"]
+    assert final.hash() == G.one_op_per_edge(g, path[want][0]).hash()
+    assert record["measured_ms"] == pytest.approx(truth[want])
+    assert len(record["measurements"]) == len(calls) <= proxyless.SELECT_MEASURES
+    # the way down is the most probable one: sep_conv before max_pool on every edge
+    assert all(s["to"] == "sep_conv_3x3" for s in record["switches"][:3])
+
+
+def test_the_path_goes_down_to_the_cheapest_network():
+    g = _supernet([_alphas(conv_3x3=2.0, sep_conv_3x3=1.5)] * 3)
+    path = proxyless.greedy_path(g, _predict())
+    preds = [p for _, p, _ in path]
+    assert preds == sorted(preds, reverse=True) and len(set(preds)) == len(preds)
+    assert preds[-1] == pytest.approx(0.2)   # every edge on the 0 ms identity
+    assert path[0][2] is None and all(sw["saved_ms"] > 0 for _, _, sw in path[1:])
+
+
+@pytest.mark.parametrize("select", ["measured", "table", "argmax"])
+def test_the_strategy_selects_once_checkpoints_and_reports(tiny_splits, tmp_path, monkeypatch,
+                                                           select):
+    from bonsai_tf import latency
+    run = make_run(tiny_splits, tmp_path, latency_target_ms=1.0, latency_select=select)
+    run.prepare()
+    s = run.strategy
+    s.table = object()
+    monkeypatch.setattr(latency, "predict", lambda c, table, q: _predict()(c))
+    measured = []
+    monkeypatch.setattr(latency, "network_latency",
+                        lambda c, quantized: measured.append(1) or 1.2 * _predict()(c))
+    for cell in run.net.cells:
+        for edge in cell.edges.values():
+            for op, p in zip(edge.op_names, edge.pruners):
+                p.w.assign(2.0 if op == "conv_3x3" else 0.0)
+    final = s.final_genotype(run.net)
+    argmax = G.strongest_ops(run.net.current_genotype())
+    if select == "argmax":
+        assert final.hash() == argmax.hash() and s.selection is None and s.state() == {}
+        assert s.summary(None) == {}
+        return
+    assert 1.2 ** (select == "measured") * _predict()(final) <= 1.0 < _predict()(argmax)
+    assert bool(measured) == (select == "measured")
+    # chosen once for these alphas: a second call neither measures nor changes
+    n = len(measured)
+    assert s.final_genotype(run.net).hash() == final.hash() and len(measured) == n
+    summary = s.summary(None)["latency_selection"]
+    assert summary["select"] == select and summary["met"] and "genotype" not in summary
+    # the choice is checkpointed: a resumed strategy reports the same
+    state = json.loads(json.dumps(s.state()))
+    again = proxyless.ProxylessNAS(run.cfg, None)
+    again.load_state(state)
+    assert again.summary(None) == s.summary(None)
+    # other alphas: chosen anew (all max pools now, 0.4 ms: the argmax itself)
+    for cell in run.net.cells:
+        for edge in cell.edges.values():
+            edge.pruners[edge.op_names.index("max_pool_3x3")].w.assign(5.0)
+    again = s.final_genotype(run.net)
+    assert again.hash() == G.strongest_ops(run.net.current_genotype()).hash() != final.hash()

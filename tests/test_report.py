@@ -289,3 +289,29 @@ def test_each_event_kind_has_its_own_colour_line_style_and_legend_entry():
     ax = _axes(report.metric_figures(only)["params"])
     kinds = [l for l in _legend_labels(ax) if l in ("final network", "compression cycle")]
     assert kinds == []
+
+
+def test_a_latency_selection_is_reported(tmp_path):
+    run = _write_run(tmp_path / "proxyless", _records()[:2] + [
+        {"epoch": 3, "expected_latency_ms": 0.601}])
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["latency_selection"] = {
+        "target_ms": 0.6, "select": "measured", "argmax_predicted_ms": 0.7426,
+        "argmax_measured_ms": 0.836, "predicted_ms": 0.5658, "measured_ms": 0.5903,
+        "direction": "down", "met": True, "seconds": 31.8,
+        "measurements": [{"switches": 0}, {"switches": 5}],
+        "switches": [{"cell": 1, "edge": "x->0", "from": "conv_3x3", "to": "max_pool_3x3",
+                      "saved_ms": 0.1, "log_p_lost": 0.2}]}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    text = open(report.write_report(str(run))).read()
+    assert "## Latency target" in text and "expected latency at its end 0.601 ms" in text
+    assert "| argmax of the alphas | 0.7426 | 0.836 |" in text
+    assert "| final network | 0.5658 | 0.5903 |" in text
+    assert "| 1 | x->0 | conv_3x3 | max_pool_3x3 | 0.1 | 0.2 |" in text
+    assert "Target met; 2 network(s) measured in 31.8 s." in text
+    metrics["latency_selection"]["met"] = False
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert "Target **not met**" in open(report.write_report(str(run))).read()
+    # runs of other strategies have no such section
+    assert "## Latency target" not in open(report.write_report(
+        str(_write_run(tmp_path / "bonsai", _records())))).read()

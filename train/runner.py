@@ -105,6 +105,12 @@ flags.DEFINE_float("latency_target_ms", D.latency_target_ms, "ProxylessNAS: batc
 flags.DEFINE_float("latency_weight", D.latency_weight, "ProxylessNAS: weight of the latency term.")
 flags.DEFINE_bool("latency_int8", D.latency_int8, "ProxylessNAS: the target is the int8 model's "
                   "latency (else the float32 model's).")
+flags.DEFINE_enum("latency_select", D.latency_select, list(config_lib.LATENCY_SELECTS),
+                  "ProxylessNAS under a target: the final network. measured: from the argmax, "
+                  "switch the edges whose cheaper operation costs the least probability per ms "
+                  "until the whole network, timed here, is at or under the target; table: the "
+                  "same on the table's predictions alone; argmax: each edge's most probable "
+                  "operation (the paper's rule).")
 flags.DEFINE_integer("reductions", D.reductions, "SpiderNet: reduction cells; the network "
                      "starts as reductions + 1 minimal cells (--scale channels, doubled at each "
                      "reduction) and grows itself.")
