@@ -196,9 +196,9 @@ def select_under_target(genotype, target_ms, predict, measure=None,
     network, converted and timed here), the prediction only guides: the table misses
     how the whole network runs (fusion, caches; -5% to +17% here), so the path is
     searched for its first step measured at or below the target. Each guess is the first
-    step the table, rescaled by the nearest measured step's measured/predicted, puts
-    under the target, kept strictly between the last step measured above and the first
-    measured under (bisection once the guess would leave that interval). At most
+    step the table, rescaled by the last measured step's measured/predicted, puts under
+    the target, kept strictly between the last step measured above and the first
+    measured under (a guess outside moves to the nearest step inside). At most
     `max_measures` measurements; if none was under the target, the cheapest step the
     rescaled table puts under it is taken, and the record says it was not met.
     """
@@ -228,9 +228,10 @@ def select_under_target(genotype, target_ms, predict, measure=None,
             if hi == lo + 1 or lo == len(path) - 1:
                 break
             top = len(path) if hi is None else hi
-            guess = first_under(scale)
-            if not lo < guess < top:
-                guess = (lo + top) // 2
+            # Kept strictly between: a guess the rescaled table puts at (or past) the
+            # first step measured under checks the step next to it, one it puts at or
+            # before the last step measured over, the step after that.
+            guess = min(max(first_under(scale), lo + 1), top - 1)
         pick = hi if hi is not None else min(max(first_under(scale), lo + 1), len(path) - 1)
     choice, predicted, _ = path[pick]
     final = genotype_lib.one_op_per_edge(genotype, choice)
