@@ -123,45 +123,53 @@ def latency_penalty(expected_ms, target_ms, weight):
 # The final selection measures at most this many candidate networks: each measurement
 # converts and times a whole network (about 7 s for the quick configuration's here); the
 # greedy steps between measurements are table predictions, rescaled by the last one.
-SELECT_MEASURES = 6
+SELECT_MEASURES = 8
 
 
-def greedy_path(genotype, predict, down=True):
-    """From the argmax of `genotype` (its operation weights are alphas) down to its
-    cheapest one-operation-per-edge network (`down`, else up to its dearest), one
-    switch at a time: each step switches the edge whose cheaper (dearer) operation costs
-    the least log-probability per ms saved (added), log p(current) - log p(other) over
-    the difference `predict` gives.
+def _log_probs(genotype):
+    out = {}
+    for c, cell in enumerate(genotype.cells):
+        for k, e in enumerate(cell.edges):
+            a = np.array([w for _, w in e.ops], np.float64)
+            out[(c, k)] = a - np.logaddexp.reduce(a)
+    return out
+
+
+def greedy_path(genotype, predict, down=True, start=None, limit=None):
+    """From `start` (a choice; default the argmax of `genotype`, whose operation weights
+    are alphas) down to the cheapest one-operation-per-edge network (`down`), or up
+    while the predicted latency stays at or under `limit` (None: up to the dearest),
+    one switch at a time: each step switches the edge whose cheaper (dearer) operation
+    costs the least log-probability per ms saved (added), log p(current) - log p(other)
+    over the difference `predict` gives (negative where the other operation is the
+    more probable one: those come first).
 
     Returns [(choice, predicted ms, switch)]: choice[(cell, edge)] indexes the kept
-    operation in the edge's `ops`; the first entry is the argmax (switch None).
+    operation in the edge's `ops`; the first entry is `start` (switch None).
     """
     sign = 1.0 if down else -1.0
-    edges = [(c, k, e) for c, cell in enumerate(genotype.cells)
-             for k, e in enumerate(cell.edges)]
-    log_p = {}
-    for c, k, e in edges:
-        a = np.array([w for _, w in e.ops], np.float64)
-        log_p[(c, k)] = a - np.logaddexp.reduce(a)
-    choice = {(c, k): int(np.argmax(log_p[(c, k)])) for c, k, _ in edges}
+    log_p = _log_probs(genotype)
+    if start is None:
+        start = {key: int(np.argmax(lp)) for key, lp in log_p.items()}
+    choice = dict(start)
     predicted = predict(genotype_lib.one_op_per_edge(genotype, choice))
     path = [(dict(choice), predicted, None)]
     while True:
         best = None
-        for c, k, e in edges:
+        for (c, k), lp in log_p.items():
             here = choice[(c, k)]
-            for j in range(len(e.ops)):
+            for j in range(len(lp)):
                 if j == here:
                     continue
-                trial = genotype_lib.one_op_per_edge(genotype, {**choice, (c, k): j})
-                saved = sign * (predicted - predict(trial))
-                if saved <= 0:
+                trial = predict(genotype_lib.one_op_per_edge(genotype, {**choice, (c, k): j}))
+                saved = sign * (predicted - trial)
+                if saved <= 0 or (limit is not None and trial > limit):
                     continue
-                cost = (log_p[(c, k)][here] - log_p[(c, k)][j]) / saved
+                cost = (lp[here] - lp[j]) / saved
                 if best is None or cost < best[0]:
                     best = (cost, (c, k), j, saved)
         if best is None:
-            return path   # every edge holds its cheapest (dearest) operation
+            return path   # every edge at its cheapest (dearest, or the limit) operation
         _, key, j, saved = best
         e = genotype.cells[key[0]].edges[key[1]]
         switch = {"cell": key[0], "edge": L.edge_name(e.src, e.dst),
@@ -173,11 +181,39 @@ def greedy_path(genotype, predict, down=True):
         path.append((dict(choice), predicted, switch))
 
 
-def target_path(genotype, predict):
-    """(path, start): `greedy_path` up, reversed, then down, dearest first (predicted
-    latencies falling); path[start] is the argmax."""
-    up, down = greedy_path(genotype, predict, down=False), greedy_path(genotype, predict)
-    return up[::-1] + down[1:], len(up) - 1
+def _boundary(preds, target_ms, measure_at, budget, known_under, known_over, scale, rising):
+    """The search of one path for the step where the measured latency crosses the target.
+
+    `preds` are the path's predicted latencies, falling (`rising` False: the first step
+    measured at or under the target is wanted) or rising (the last one). Each guess is
+    the step the table, rescaled by the last measured step's measured/predicted, puts at
+    the crossing, kept strictly between the steps known on either side (a guess outside
+    moves to the nearest step inside). Returns (the step wanted or None, scale).
+    """
+    under, over = known_under, known_over
+    n = len(preds)
+
+    def crossing(scale):
+        fits = [k for k, p in enumerate(preds) if scale * p <= target_ms]
+        if not fits:
+            return n - 1 if not rising else 0
+        return fits[0] if not rising else fits[-1]
+    while budget() > 0:
+        if rising:
+            lo, hi = (-1 if under is None else under), (n if over is None else over)
+        else:
+            lo, hi = (-1 if over is None else over), (n if under is None else under)
+        if hi - lo <= 1:
+            break
+        guess = min(max(crossing(scale), lo + 1), hi - 1)
+        ms = measure_at(guess)
+        if ms <= target_ms:
+            under = guess
+        else:
+            over = guess
+        if preds[guess] > 0:
+            scale = ms / preds[guess]
+    return under, scale
 
 
 def select_under_target(genotype, target_ms, predict, measure=None,
@@ -187,69 +223,89 @@ def select_under_target(genotype, target_ms, predict, measure=None,
     `genotype` is the supernet's, its operation weights the alphas. The search holds the
     *expected* latency at the target, but the argmax of a distribution that has not
     converged is not that network: in the quick runs of the README it measured 41% above
-    a 0.6 ms target, and 30% below a 0.3 ms one. So the final network is the dearest at
-    or below the target on one path through the argmax: `greedy_path` up, reversed,
-    then down, the argmax's cheapest ways in probability per ms. A target is a budget:
-    an argmax well under it spends the rest, as BonsaiNet's growth fills its memory.
+    a 0.6 ms target and 30% below a 0.3 ms one. A target is a budget, to be met and
+    spent (as BonsaiNet's growth fills its memory budget), so:
 
-    Without `measure`, "at or below" is the table's prediction. With it (a whole
-    network, converted and timed here), the prediction only guides: the table misses
-    how the whole network runs (fusion, caches; -5% to +17% here), so the path is
-    searched for its first step measured at or below the target. Each guess is the first
-    step the table, rescaled by the last measured step's measured/predicted, puts under
-    the target, kept strictly between the last step measured above and the first
-    measured under (a guess outside moves to the nearest step inside). At most
-    `max_measures` measurements; if none was under the target, the cheapest step the
-    rescaled table puts under it is taken, and the record says it was not met.
+    1. down: on `greedy_path` down from the argmax (the cheapest ways in probability
+       per ms), the first network at or under the target (the argmax itself if it is);
+    2. up: from there, `greedy_path` up while the latency stays at or under the target
+       (the ways that cost least probability per ms added, which first restores more
+       probable operations that the first part switched away), its last such network.
+
+    Without `measure`, "at or under" is the table's prediction. With it (a whole
+    network, converted and timed here), the table only guides (`_boundary`): it misses
+    how the whole network runs (fusion, caches; -5% to +17% here), so each part is
+    searched for its crossing by measuring, at most `max_measures` networks in all. If
+    no network of the first part was measured under the target, the one the rescaled
+    table puts there is taken, and the record says the target was not met.
     """
     if not target_ms > 0:
         raise ValueError(f"target_ms = {target_ms!r}; expected a latency target > 0 ms")
-    path, start = target_path(genotype, predict)
-    preds = [p for _, p, _ in path]
+    measured = []      # (part, step, predicted, ms)
+    spent = {"n": 0}
 
-    def first_under(scale):
-        return next((k for k, p in enumerate(preds) if scale * p <= target_ms), len(path) - 1)
+    def budget():
+        return max_measures - spent["n"] if measure is not None else 0
 
-    measured = {}
+    def measurer(part, path):
+        cache = {}
+
+        def at(k):
+            if k not in cache:
+                spent["n"] += 1
+                cache[k] = float(measure(genotype_lib.one_op_per_edge(genotype, path[k][0])))
+                measured.append({"part": part, "switches": k,
+                                 "predicted_ms": round(float(path[k][1]), 5),
+                                 "measured_ms": round(cache[k], 5)})
+            return cache[k]
+        return at, cache
+
+    down = greedy_path(genotype, predict)
+    preds = [p for _, p, _ in down]
+    final_ms = None
     if measure is None:
-        pick = first_under(1.0)
+        pick, scale, verified = next((k for k, p in enumerate(preds) if p <= target_ms),
+                                     len(down) - 1), 1.0, True
     else:
-        lo, hi = -1, None          # the last step measured above the target, the first under
-        scale, guess = 1.0, start  # the argmax first
-        while len(measured) < max_measures:
-            ms = float(measure(genotype_lib.one_op_per_edge(genotype, path[guess][0])))
-            measured[guess] = ms
-            if ms <= target_ms:
-                hi = guess
-            else:
-                lo = guess
-            if preds[guess] > 0:
-                scale = ms / preds[guess]
-            if hi == lo + 1 or lo == len(path) - 1:
-                break
-            top = len(path) if hi is None else hi
-            # Kept strictly between: a guess the rescaled table puts at (or past) the
-            # first step measured under checks the step next to it, one it puts at or
-            # before the last step measured over, the step after that.
-            guess = min(max(first_under(scale), lo + 1), top - 1)
-        pick = hi if hi is not None else min(max(first_under(scale), lo + 1), len(path) - 1)
-    choice, predicted, _ = path[pick]
+        at, cache = measurer("down", down)
+        pick, scale = _boundary(preds, target_ms, at, budget, None, None, 1.0, rising=False)
+        verified = pick is not None
+        if verified:
+            final_ms = cache[pick]
+        else:   # nothing measured under: the table's guess, unverified
+            over = max(cache) if cache else -1
+            pick = min(max(next((k for k, p in enumerate(preds) if scale * p <= target_ms),
+                                len(down) - 1), over + 1), len(down) - 1)
+    (choice, predicted, _), ups = down[pick], []
+    # Up while steps fit; again after each measurement that shows room the rescaled
+    # table had not seen (its scale changes with the network measured).
+    while verified:
+        up = greedy_path(genotype, predict, down=False, start=choice, limit=target_ms / scale)
+        if len(up) == 1:
+            break
+        if measure is None:
+            top = len(up) - 1
+        else:
+            at, cache = measurer("up", up)
+            top, scale = _boundary([p for _, p, _ in up], target_ms, at, budget, 0, None,
+                                   scale, rising=True)
+            final_ms = cache.get(top, final_ms)
+        ups += [sw for _, _, sw in up[1:top + 1]]
+        choice, predicted, _ = up[top]
+        if top == 0 or measure is None or budget() <= 0:
+            break
     final = genotype_lib.one_op_per_edge(genotype, choice)
-    # the switches from the argmax to the pick, and each measurement's place on the path
-    # (negative: that many switches up, dearer than the argmax)
-    switches = ([sw for _, _, sw in path[start + 1:pick + 1]] if pick >= start else
-                [sw for _, _, sw in path[pick:start]][::-1])
     record = {"target_ms": float(target_ms),
-              "argmax_predicted_ms": round(float(preds[start]), 5),
-              "argmax_measured_ms": (round(measured[start], 5) if start in measured else None),
+              "argmax_predicted_ms": round(float(preds[0]), 5),
+              "argmax_measured_ms": next((m["measured_ms"] for m in measured
+                                          if m["part"] == "down" and m["switches"] == 0), None),
               "predicted_ms": round(float(predicted), 5),
-              "direction": "down" if pick > start else "up" if pick < start else "argmax",
-              "switches": switches,
-              "measurements": [{"switches": k - start, "predicted_ms": round(float(preds[k]), 5),
-                                "measured_ms": round(ms, 5)} for k, ms in measured.items()],
-              "path": [start, len(path) - 1 - start],   # steps up, steps down
-              "measured_ms": round(measured[pick], 5) if pick in measured else None,
-              "met": (measured[pick] <= target_ms if pick in measured
+              "direction": "+".join(d for d, n in (("down", pick), ("up", len(ups))) if n)
+              or "argmax",
+              "switches": [sw for _, _, sw in down[1:pick + 1]] + ups,
+              "measurements": measured,
+              "measured_ms": None if final_ms is None else round(final_ms, 5),
+              "met": (final_ms <= target_ms if final_ms is not None
                       else measure is None and predicted <= target_ms)}
     return final, record
 
