@@ -8,6 +8,8 @@ pruners and compression loss on), batch 64, one step = forward + backward + SGD.
 --strategies=bonsai,proxyless steps the same supernet as ProxylessNAS does (a sampled
 pair of operations per edge, one active): its memory is that of one sampled network.
 --mixed_precision=none,mixed_bfloat16,mixed_float16 times each precision policy.
+--devices=1,2 times the step on one device and mirrored over 2 logical CPU devices (the
+CPU split at start, as --distribute=mirrored does) at the same global batch.
 The reference point is the original PyTorch BonsaiNet (batch 64, 32x32x3, scale 16,
 3 cells, all 7 operations): 11 to 16.4 s per step on 2-core machines of this kind
 (../shared/BENCHMARKS.md). Compare on one machine: the output carries its calibration.
@@ -38,6 +40,8 @@ flags.DEFINE_list("mixed_precision", ["none"], "Precision policies to time: none
                   "mixed_float16, mixed_bfloat16.")
 flags.DEFINE_list("strategies", ["bonsai"], "Strategies whose training step to time on the same "
                   "supernet (bonsai: every operation runs; proxyless: a sampled path).")
+flags.DEFINE_list("devices", ["1"], "Replicas to time: 1 (one device) or N (--distribute="
+                  "mirrored over N logical CPU devices), at the same global batch.")
 flags.DEFINE_integer("steps", 5, "Timed steps per configuration (after 2 warm-up steps).")
 flags.DEFINE_bool("jit_compile", False, "Compile the step with XLA.")
 flags.DEFINE_enum("graph_optimizer", "auto", ["auto", "on", "off"],
@@ -47,7 +51,8 @@ FLAGS = flags.FLAGS
 
 
 def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps, jit,
-                graph_optimizer="auto", strategy="bonsai", mixed_precision="none", stem_stride=1):
+                graph_optimizer="auto", strategy="bonsai", mixed_precision="none", stem_stride=1,
+                devices=1):
     import numpy as np
     import tensorflow as tf
     from bonsai_tf import config as config_lib
@@ -70,7 +75,9 @@ def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps
                                drop_path=0.3, measure_memory=False,
                                graph_optimizer=graph_optimizer, strategy=strategy, val_size=1,
                                proxyless_warmup_epochs=0, mixed_precision=mixed_precision,
-                               stem_stride=stem_stride)
+                               stem_stride=stem_stride,
+                               distribute="mirrored" if devices > 1 else "none",
+                               devices=devices if devices > 1 else 0)
     run = engine.Run(cfg, splits, "/tmp/bench_step_unused", verbose=0)
     g = genotype_lib.initial(space, shape, 10, scale, nodes, pattern_spec, 1,
                              stem_stride=stem_stride)
@@ -81,6 +88,8 @@ def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps
     run.prepare(genotype=g)
     run._set_lrs(0)
     xb, yb = tf.constant(x, tf.float32), tf.constant(y, tf.int64)
+    if run.distributed:   # one global batch, split over the replicas once
+        xb, yb = next(iter(run._distributed(tf.data.Dataset.from_tensors((xb, yb)))))
     inputs = {k: tf.constant(v, tf.float32) for k, v in run.strategy.step_inputs(run.net).items()}
     # The first step traces and optimises the graph: what a search pays again after
     # every structural change.
@@ -97,6 +106,7 @@ def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps
         lambda: run.train_step(xb, yb, inputs)["loss"].numpy())
     step = float(np.median(times))
     return {"strategy": strategy, "mixed_precision": mixed_precision, "scale": scale,
+            "devices": devices,
             "stem_stride": stem_stride,
             "patterns": patterns, "shape": list(shape), "nodes": nodes,
             "space": space, "cells": len(g.cells), "operations": g.num_ops(), "batch": batch,
@@ -115,17 +125,22 @@ def main(argv):
     import calibrate
     from bonsai_tf import machine
     machine.configure_threads()
+    devices = [int(d) for d in FLAGS.devices]
+    if max(devices) > 1:
+        from bonsai_tf import distribute
+        distribute.split_cpu(max(devices))   # before anything starts TensorFlow's runtime
     results = []
     for shape in FLAGS.shapes:
         shape = tuple(int(v) for v in shape.split("x"))
         for scale in FLAGS.scales:
-            for n, strategy, mp in [(n, s, m) for n in FLAGS.patterns for s in FLAGS.strategies
-                                    for m in FLAGS.mixed_precision]:
+            for n, strategy, mp, d in [(n, s, m, d) for n in FLAGS.patterns
+                                       for s in FLAGS.strategies for m in FLAGS.mixed_precision
+                                       for d in devices]:
                 r = time_config(int(scale), int(n), shape, FLAGS.nodes, FLAGS.space,
                                 _json.loads(FLAGS.pattern_spec), FLAGS.batch, FLAGS.steps,
                                 FLAGS.jit_compile, FLAGS.graph_optimizer, strategy, mp,
-                                FLAGS.stem_stride)
-                print(f"{strategy:>9} {mp:>14} {'x'.join(map(str, shape)):>8} scale {r['scale']:>3} patterns {n} cells "
+                                FLAGS.stem_stride, d)
+                print(f"{strategy:>9} {mp:>14} x{d} {'x'.join(map(str, shape)):>8} scale {r['scale']:>3} patterns {n} cells "
                       f"{r['cells']} ops {r['operations']:>4}: {r['seconds_per_step']:.3f} s/step, "
                       f"{r['images_per_second']:.0f} img/s, first step {r['first_step_seconds']:.1f} s, memory est {r['memory_estimate_mb']:.0f} MB "
                       f"measured {r['memory_measured_mb'] or float('nan'):.0f} MB", flush=True)

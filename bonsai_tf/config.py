@@ -17,6 +17,7 @@ AUGMENT = ("", "none", "crop", "crop_flip", "crop_flip_cutout")  # data.AUGMENT_
 # two-path gates, or REINFORCE over one path drawn from the full softmax.
 PROXYLESS_GRADS = ("binaryconnect", "reinforce")
 LATENCY_SELECTS = ("measured", "table", "argmax")
+DISTRIBUTE = ("none", "mirrored", "multi_worker")
 
 
 class ConfigError(ValueError):
@@ -158,6 +159,10 @@ class RunConfig:
     jit_compile: bool = False
     graph_optimizer: str = "auto"   # Grappler: auto (off without a GPU), on, off
     mixed_precision: str = "none"   # or mixed_float16 (loss-scaled), mixed_bfloat16
+    # tf.distribute (bonsai_tf/distribute.py): none, mirrored (this machine's devices; a
+    # GPU-less CPU split into `devices` logical ones, 0 = 2), multi_worker (TF_CONFIG)
+    distribute: str = "none"
+    devices: int = 0
     steps_per_epoch: int = 0       # 0 = one pass over the training data
     measure_memory: bool = True
 
@@ -169,7 +174,8 @@ class RunConfig:
                 "reduction_target", "epochs", "search_epochs", "batch_size", "prune_interval",
                 "cycle_len", "seed", "steps_per_epoch", "bayes_hessian_batches",
                 "bayes_warmup_epochs", "proxyless_warmup_epochs", "reductions", "round_epochs",
-                "spider_rounds", "spider_candidates", "spider_ntk_batch", "spider_regions_batch")
+                "spider_rounds", "spider_candidates", "spider_ntk_batch", "spider_regions_batch",
+                "devices")
         for name in ints:
             check(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool),
                   name, "an integer")
@@ -193,6 +199,10 @@ class RunConfig:
               f"one of {machine.GRAPH_OPTIMIZER_CHOICES}")
         check(self.mixed_precision in machine.PRECISIONS, "mixed_precision",
               f"one of {machine.PRECISIONS}")
+        check(self.distribute in DISTRIBUTE, "distribute", f"one of {DISTRIBUTE}")
+        check(self.devices >= 0, "devices", ">= 0 (0 = every GPU, or 2 CPU devices)")
+        check(not (self.jit_compile and self.distribute != "none"), "jit_compile",
+              "False with distribute != 'none' (XLA is for one device here)")
         check(self.space in space_lib.SPACES, "space", f"one of {sorted(space_lib.SPACES)}")
         check(self.scale >= 1, "scale", ">= 1")
         check(1 <= self.nodes <= 16, "nodes", "in [1, 16]")
@@ -295,7 +305,10 @@ class RunConfig:
         return cls(**d)
 
     # Fields that do not change what a run computes: a resumed run may differ in them.
-    NON_IDENTITY = ("measure_memory", "jit_compile", "graph_optimizer", "data_dir")
+    # Settings that change how a run computes, not what: a run may resume under others
+    # (a mirrored run's steps are one device's, summed over replicas).
+    NON_IDENTITY = ("measure_memory", "jit_compile", "graph_optimizer", "data_dir",
+                    "distribute", "devices")
 
     def identity(self):
         d = self.to_dict()

@@ -14,6 +14,7 @@ resumes.
 """
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -24,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from bonsai_tf import budget as budget_lib
+from bonsai_tf import distribute as distribute_lib
 from bonsai_tf import genotype as genotype_lib
 from bonsai_tf import machine
 from bonsai_tf import memory as memory_lib
@@ -79,14 +81,33 @@ def _then_true(fn):
     return tf.constant(True)
 
 
+def _in_scope(method):
+    """`method` run in the Run's tf.distribute scope: the variables it makes (networks,
+    optimizer slots) are the strategy's (mirrored) ones."""
+    @functools.wraps(method)
+    def scoped(self, *args, **kwargs):
+        with self.dist.scope():
+            return method(self, *args, **kwargs)
+    return scoped
+
+
 class Run:
     """Runs `config` (RunConfig) on `splits` (data.Splits) in `run_dir`.
 
     started: time.time() when the command started (the time budget counts from it).
     """
 
-    def __init__(self, config, splits, run_dir, verbose=1, started=None):
+    def __init__(self, config, splits, run_dir, verbose=1, started=None, distribution=None):
         self.cfg, self.splits, self.run_dir, self.verbose = config, splits, run_dir, verbose
+        # tf.distribute: every variable is made in its scope (network, optimizer slots,
+        # strategy state), every step runs in its replicas (`_compile`).
+        self.dist = (distribution if distribution is not None else
+                     distribute_lib.make(config.distribute, config.devices))
+        self.distributed = distribute_lib.is_distributed(self.dist)
+        # Processes of a multi-worker cluster: each measures its own times and takes the
+        # decisions that depend on them (the time budget's plan, ProxylessNAS's measured
+        # selection) only from values agreed over all of them (`_agree`, `_from_chief`).
+        self.workers = distribute_lib.num_workers(self.dist)
         self.started = time.time() if started is None else started
         info = splits.info
         self.input_shape = tuple(info.image_shape)
@@ -99,9 +120,10 @@ class Run:
         self.search_epochs = config.resolved_search_epochs
         from bonsai_tf import config as config_lib
         self.max_patterns = config_lib.pattern_cap(config, self.input_shape)
-        self.strategy = strategies.get(config.strategy)(config, strategies.RunInfo(
-            input_shape=self.input_shape, num_classes=self.num_classes,
-            max_patterns=self.max_patterns, search_epochs=self.search_epochs))
+        with self.dist.scope():
+            self.strategy = strategies.get(config.strategy)(config, strategies.RunInfo(
+                input_shape=self.input_shape, num_classes=self.num_classes,
+                max_patterns=self.max_patterns, search_epochs=self.search_epochs))
         self.strategy.attach(self._held_out_batches)
         machine.configure_graph_optimizer(config.graph_optimizer)
         # Every layer takes its dtype policy when it is made: set before any network.
@@ -116,6 +138,7 @@ class Run:
         self._retrace_pending = False   # the next first step traces after a rebuild
 
     # ---- set-up -------------------------------------------------------------------
+    @_in_scope
     def prepare(self, genotype=None):
         """A fresh run's state and network (also for benchmarks and tests): no training."""
         keras.utils.set_random_seed(self.cfg.seed)
@@ -129,6 +152,7 @@ class Run:
         self.state = st
         self._build_network()
         self.strategy.begin(self.net, fresh=True)
+        self._same_start()
         return self
 
     def _build_network(self):
@@ -185,18 +209,18 @@ class Run:
         # What a strategy does after every weight update (SpiderNet's gate clamp and
         # per-batch open records), traced into the step.
         post_train = self.strategy.after_train_step(net) if searching else None
-        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        if cfg.label_smoothing:
-            loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True,
-                                                           label_smoothing=cfg.label_smoothing)
         smoothing, num_classes, aux_w = cfg.label_smoothing, self.num_classes, cfg.aux_weight
         variables, opt = self.variables, self.opt
         scale = opt.loss_scale
 
         def ce(y, logits):
+            # The mean over this batch, by TensorFlow's kernels: Keras' losses divide
+            # by the number of replicas inside tf.distribute, and the steps weight each
+            # replica by its share of the global batch themselves.
             if smoothing:
-                return loss_fn(tf.one_hot(y, num_classes), logits)
-            return loss_fn(y, logits)
+                labels = tf.one_hot(y, num_classes) * (1.0 - smoothing) + smoothing / num_classes
+                return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels, logits))
+            return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
 
         def total_loss(x, y):
             # Logits in float32 whatever the compute dtype: the loss wants the range.
@@ -207,17 +231,30 @@ class Run:
                 total = total + aux_w * tf.add_n([ce(y, o) for o in outs[1:]])
             return outs, main, total
 
+        distributed = self.distributed
+        if distributed:
+            # Each replica's loss weighted by its share of the global batch, the
+            # gradients summed over the replicas: the global batch's mean, as on one device.
+            share_of, sum_replicas = distribute_lib.share_of, distribute_lib.sum_replicas
+        else:
+            share_of, sum_replicas = (lambda n: None), (lambda values: values)
+
+        def weighted(t, share):
+            return t if share is None else t * share
+
         def train_step(x, y, inputs):
+            n = tf.shape(y)[0]
+            share = share_of(n)
             with tf.GradientTape() as tape:
                 outs, main, total = total_loss(x, y)
                 comp = extra(inputs) if extra is not None else tf.constant(0.0)
-                total = total + comp
+                total = weighted(total + comp, share)
                 # Scaled inside the tape: the gradient must see the multiply.
                 scaled = scale.scaled(total) if scale is not None else None
             if scale is None:
-                opt.apply(tape.gradient(total, variables))
+                opt.apply(sum_replicas(tape.gradient(total, variables)))
             else:
-                grads = scale.unscale(tape.gradient(scaled, variables))
+                grads = scale.unscale(sum_replicas(tape.gradient(scaled, variables)))
                 finite = scale.all_finite(grads)
                 # An overflowed step is skipped (the weights stay) and the scale halves.
                 tf.cond(finite, lambda: _then_true(lambda: opt.apply(grads)),
@@ -226,7 +263,9 @@ class Run:
             if post_train is not None:
                 post_train()
             correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(outs[0], -1), y), tf.float32))
-            return {"loss": total, "ce": main, "compression_loss": comp, "correct": correct}
+            return {"loss": total, "ce": weighted(main, share),
+                    "compression_loss": weighted(comp, share), "correct": correct,
+                    "n": tf.cast(n, tf.float32)}
 
         def eval_step(x, y):
             logits = tf.cast(_as_list(model(x, training=False))[0], tf.float32)
@@ -238,7 +277,10 @@ class Run:
         spec = [tf.TensorSpec((None,) + self.input_shape, tf.float32), tf.TensorSpec((None,), tf.int64)]
         scalars = {k: tf.TensorSpec((), tf.float32) for k in names}
         jit = cfg.jit_compile or None
-        self.train_step = tf.function(train_step, jit_compile=jit, input_signature=spec + [scalars],
+        if distributed:
+            train_step = self._in_replicas(train_step)
+        self.train_step = tf.function(train_step, jit_compile=jit and not distributed,
+                                      input_signature=None if distributed else spec + [scalars],
                                       autograph=False)
         self.eval_step = tf.function(eval_step, jit_compile=jit, input_signature=spec,
                                      autograph=False)
@@ -254,18 +296,24 @@ class Run:
             def arch_step(x, y, inputs):
                 # First-order bi-level: the architecture steps on a validation batch
                 # with the weights held as they are.
+                share = share_of(tf.shape(y)[0])
                 with tf.GradientTape() as tape:
                     _, main, total = total_loss(x, y)
-                    # Given the network's loss alone: REINFORCE's reward leaves out the
-                    # latency term, which reaches the alphas by its own gradient.
-                    term = arch_term(total, inputs) if arch_term is not None else None
+                    total = weighted(total, share)
+                    # Given the network's loss alone (the global batch's, the same on
+                    # every replica): REINFORCE's reward leaves out the latency term,
+                    # which reaches the alphas by its own gradient.
+                    whole = total if share is None else sum_replicas([total])[0]
+                    term = arch_term(whole, inputs) if arch_term is not None else None
                     if extra is not None:
-                        total = total + extra(inputs)
+                        total = total + weighted(extra(inputs), share)
+                    if term is not None:
+                        term = weighted(term, share)
                     # (a list of targets: the gradient of their sum)
                     targets = [total] if term is None else [total, term]
                     if scale is not None:
                         targets = [scale.scaled(t) for t in targets]
-                grads = tape.gradient(targets, arch_vars)
+                grads = sum_replicas(tape.gradient(targets, arch_vars))
                 if scale is not None:
                     grads = scale.unscale(grads)
                 old = [tf.identity(v.value) for v in arch_vars] if post is not None else None
@@ -280,11 +328,24 @@ class Run:
                     # The weights' step owns the scale; an overflow here only skips.
                     tf.cond(scale.all_finite(grads), lambda: _then_true(update),
                             lambda: tf.constant(False))
-                return {"loss": total, "ce": main}
-            self.arch_step = tf.function(arch_step, jit_compile=jit,
-                                         input_signature=spec + [scalars], autograph=False)
+                return {"loss": total, "ce": weighted(main, share)}
+            if distributed:
+                arch_step = self._in_replicas(arch_step)
+            self.arch_step = tf.function(arch_step, jit_compile=jit and not distributed,
+                                         input_signature=None if distributed else spec + [scalars],
+                                         autograph=False)
         self.extra_loss = extra
         self._measure_next = cfg.measure_memory
+
+    def _in_replicas(self, step):
+        """`step` run in every replica; its outputs (weighted losses, counts) summed."""
+        dist = self.dist
+
+        def distributed_step(x, y, inputs):
+            out = dist.run(step, args=(x, y, inputs))
+            return {k: dist.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+                    for k, v in out.items()}
+        return distributed_step
 
     # ---- the loop -----------------------------------------------------------------
     def run(self):
@@ -302,7 +363,8 @@ class Run:
             rd.write_json(os.path.join(self.run_dir, DATASET_FILE), dataclasses.asdict(self.splits.info))
         if self.budgeted and self.plan is None:
             self.plan = budget_lib.new_plan(cfg.time_budget_minutes * 60.0, cfg.search_fraction,
-                                            self._elapsed(), searches=self.state.phase == "search")
+                                            self._agree(self._elapsed()),
+                                            searches=self.state.phase == "search")
             self._write_plan()
         self.records = rd.read_metrics(os.path.join(self.run_dir, "metrics.jsonl"))[:self.state.epoch]
         self._writer = tf.summary.create_file_writer(os.path.join(self.run_dir, "tensorboard"))
@@ -324,6 +386,10 @@ class Run:
             self._set_lrs(st.epoch)
             self.net.reseed(st.epoch)
             logs = self._train_epoch(ds, st.epoch)
+            if self.distributed:
+                # Each replica's batch norms updated their moving statistics from their
+                # own part of the batches: one value everywhere from here on.
+                distribute_lib.average_replicas(self.dist, self.net.model.non_trainable_weights)
             # Validate the network that was trained this epoch, before any structural
             # change: a grown network's new head has not been trained yet.
             val_started = time.time()
@@ -333,7 +399,8 @@ class Run:
             if phase == "search":
                 events += self._apply(self.strategy.after_epoch(st.epoch + 1, self.net),
                                       st.epoch + 1)
-            elapsed = time.time() - started
+            # (the slowest worker's: the epoch and search seconds the plan reads agree)
+            elapsed = self._agree(time.time() - started)
             restructured = self._rebuild_clock + logs["retrace_seconds"]
             logs["restructure_seconds"] = restructured
             st.epoch += 1
@@ -345,8 +412,9 @@ class Run:
                 if self._search_over():
                     events.append(self._to_final("search finished"))
             if self.budgeted:
-                self.plan.epoch_done(phase, elapsed, logs["steps"], logs["step_seconds"],
-                                     logs["first_step_seconds"])
+                self.plan.epoch_done(phase, elapsed, logs["steps"],
+                                     self._agree(logs["step_seconds"]),
+                                     self._agree(logs["first_step_seconds"]))
                 if st.phase == phase:
                     self._replan(phase)
             # The record carries the phase the run is in after the epoch (a last search
@@ -385,10 +453,63 @@ class Run:
         if change.new_pattern is not None:
             self.state.group_start[str(change.new_pattern)] = (
                 epochs_done if not self.budgeted else self._progress_now())
+        if self.workers > 1:
+            # Structural decisions are the chief's: every worker rebuilds the same model
+            # even where a worker's own decision could differ (train-free scores, timed
+            # selections: floating-point sums in another order on another machine).
+            mine = _change_dict(change)
+            chief = self._from_chief(mine)
+            if chief != mine:
+                log.warning("this worker's structural change differs from the chief's; "
+                            "taking the chief's")
+            change.genotype = (None if chief["genotype"] is None else
+                               genotype_lib.Genotype.from_dict(chief["genotype"]))
+            change.node_maps = _node_maps_from(chief["node_maps"])
         if change.genotype is not None:
             self._rebuild(change.genotype, change.node_maps)
             rd.fault_point("rebuild")
         return list(change.events)
+
+    def _same_start(self):
+        """After a (re)build under tf.distribute: every replica (every worker) takes the
+        first replica's values of every variable, whatever each drew for new ones."""
+        if not self.distributed:
+            return
+        moved = distribute_lib.broadcast_first(self.dist, self._all_variables())
+        if moved:
+            log.debug("replicas started from different values (largest difference %g): "
+                      "the first replica's taken", moved)
+
+    def _all_variables(self):
+        out = list(self.net.model.weights) + list(self.opt.slots.values())
+        if self.arch_opt is not None:
+            out += [v for pair in self.arch_opt.slots.values() for v in pair]
+        return out
+
+    # ---- agreement between the workers of a cluster ------------------------------------
+    def _agree(self, value):
+        """`value` (a float) as every worker takes it: the largest over the workers (the
+        slowest worker's time: a plan all of them keep). One worker: `value` itself."""
+        if self.workers <= 1:
+            return value
+        return float(tf.function(functools.partial(distribute_lib.largest, self.dist),
+                                 autograph=False)(tf.constant(float(value), tf.float32)))
+
+    def _from_chief(self, obj):
+        """The chief's `obj` (plain JSON) on every worker."""
+        if self.workers <= 1:
+            return obj
+        import json
+        # Key order kept: an edge's operations come in the order that sums them.
+        mine = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+        n = int(self._agree(len(mine)))
+        buf = np.zeros(n, np.int32)
+        if distribute_lib.is_chief(self.dist):
+            buf[:len(mine)] = mine
+        # The others send zeros: the largest of every byte is the chief's.
+        got = tf.function(functools.partial(distribute_lib.largest, self.dist),
+                          autograph=False)(tf.constant(buf)).numpy().astype(np.uint8)
+        return json.loads(got.tobytes().rstrip(b"\0").decode())
 
     def _dataset(self, epoch):
         from bonsai_tf import data as data_lib
@@ -402,7 +523,13 @@ class Run:
                                    drop_remainder=True)
         if cfg.steps_per_epoch:
             ds = ds.take(cfg.steps_per_epoch)
-        return ds
+        return self._distributed(ds)
+
+    def _distributed(self, ds):
+        """`ds` (global batches) split over the replicas; as it is on one device."""
+        if not self.distributed:
+            return ds
+        return self.dist.experimental_distribute_dataset(ds)
 
     def _val_batches(self, epoch):
         """Endless validation batches for the architecture steps (bi-level strategies)."""
@@ -411,7 +538,7 @@ class Run:
         ds = data_lib.make_dataset(x, y, batch_size=min(self.cfg.batch_size, len(y)),
                                    training=True, augment="none",
                                    seed=self.cfg.seed * 100019 + epoch, drop_remainder=True)
-        return iter(ds.repeat())
+        return iter(self._distributed(ds.repeat()))
 
     def _held_out_batches(self, n, epoch):
         """n batches of the validation split (the training split where there is none),
@@ -461,10 +588,11 @@ class Run:
                     f"training loss became {loss} at epoch {epoch + 1}, step {steps + 1}; expected a "
                     f"finite loss: lower --lr_max or check the data. The last good checkpoint in "
                     f"{self.run_dir} is kept")
+            n = int(out["n"])   # the global batch (a distributed one holds PerReplica parts)
             for k in total:
-                total[k] += float(out[k]) * (1 if k == "correct" else int(yb.shape[0]))
+                total[k] += float(out[k]) * (1 if k == "correct" else n)
             step_times.append(time.time() - step_started)
-            seen += int(yb.shape[0])
+            seen += n
             steps += 1
             if steps == 2:
                 rd.fault_point(f"mid_epoch:{epoch + 1}")
@@ -562,9 +690,11 @@ class Run:
         st = self.state
         n_val, n_test = len(self.splits.val[1]), len(self.splits.test[1])
         if st.phase == "final" and getattr(self, "_val_seconds", None) and n_val:
-            if self.plan.reserve_for_finish(st.epoch, self._val_seconds / n_val, n_test, n_val):
+            if self.plan.reserve_for_finish(st.epoch, self._agree(self._val_seconds) / n_val,
+                                            n_test, n_val):
                 log.info("plan: %s", self.plan.log[-1]["why"])
-        seconds = self.plan.phase_seconds(st.phase, self._elapsed())
+        seconds = self.plan.phase_seconds(st.phase, self._agree(self._elapsed()))
+        step_seconds = self._agree(step_seconds)
         if st.phase == "search":
             seconds = max(0.0, seconds - st.search_seconds)
         plan = self.plan.plan_phase(st.phase, st.epoch, seconds, step_seconds,
@@ -579,7 +709,7 @@ class Run:
         if phase == "search":
             left = self.plan.phase_seconds("search", 0) - st.search_seconds
         else:
-            left = self.plan.phase_seconds("final", self._elapsed())
+            left = self.plan.phase_seconds("final", self._agree(self._elapsed()))
         if self.plan.replan(phase, st.phase_epochs, left):
             log.info("plan: %s -> %d epochs", self.plan.log[-1]["why"],
                      self.plan.phases[phase].epochs)
@@ -589,12 +719,18 @@ class Run:
         rd.write_json(os.path.join(self.run_dir, PLAN_FILE), self.plan.to_dict())
 
     # ---- structural changes -----------------------------------------------------------
+    def _chiefs_genotype(self, g):
+        if self.workers <= 1:
+            return g
+        return genotype_lib.Genotype.from_dict(self._from_chief(g.to_dict()))
+
+    @_in_scope
     def _to_final(self, why):
         """Folds the strategy's final genotype into a network without pruners."""
         st = self.state
         if st.phase == "final":
             return "final"
-        g = self.strategy.final_genotype(self.net).canonical()
+        g = self._chiefs_genotype(self.strategy.final_genotype(self.net).canonical())
         self.net = self.net.final(g, aux_heads=True, drop_path=self.cfg.drop_path)
         st.phase, st.phase_epochs = "final", 0
         self._retrace_pending = False  # the final network's first trace is not a search cost
@@ -602,15 +738,18 @@ class Run:
         self.opt = self._new_optimizer()
         self.arch_opt = None
         self._compile()
+        self._same_start()
         self._write_genotype()
         return f"final network: {why}, {g.num_ops()} operations kept"
 
+    @_in_scope
     def _rebuild(self, genotype, node_maps=None):
         started = time.time()
         self.net.rebuild(genotype, node_maps)
         self.state.genotype = self.net.genotype.to_dict()
         self.strategy.begin(self.net, fresh=False)
         self._compile()
+        self._same_start()
         self._write_genotype()
         self._rebuild_clock += time.time() - started
         # The next epoch's first step traces the new step functions: its extra time is
@@ -670,6 +809,7 @@ class Run:
         rd.save_checkpoint(self.run_dir, self._arrays(), state)
         self._write_genotype()
 
+    @_in_scope
     def _restore(self, arrays, state):
         state = dict(state) if isinstance(state, dict) else {}
         if state.get("version") != STATE_VERSION:
@@ -706,11 +846,12 @@ class Run:
             self.arch_opt.load_state({k[9:]: v for k, v in arrays.items()
                                       if k.startswith("arch_opt/")})
         self.strategy.begin(self.net, fresh=False)
+        self._same_start()
 
     def _finish(self):
         st = self.state
         test = self.evaluate(*self.splits.test)
-        final = self.net.final(self.strategy.final_genotype(self.net)
+        final = self.net.final(self._chiefs_genotype(self.strategy.final_genotype(self.net))
                                if st.phase == "search" else self.net.genotype)
         g = final.genotype
         metrics = {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
@@ -742,6 +883,20 @@ class Run:
         rd.write_json(os.path.join(self.run_dir, "metrics.json"), metrics)
         self.final_network = final
         return metrics
+
+
+def _change_dict(change):
+    """The structural part of a strategy's Change, as plain JSON."""
+    maps = change.node_maps
+    return {"genotype": None if change.genotype is None else change.genotype.to_dict(),
+            "node_maps": None if maps is None else
+            [[c, [[old, new] for old, new in m.items()]] for c, m in maps.items()]}
+
+
+def _node_maps_from(pairs):
+    if pairs is None:
+        return None
+    return {c: {old: new for old, new in m} for c, m in pairs}
 
 
 def save_model(model, path):

@@ -316,14 +316,18 @@ def tune(splits, output_dir, *, space, scale, nodes, patterns, max_patterns, ste
     tuner.search(x.astype(np.float32), y, validation_data=(xv.astype(np.float32), yv),
                  epochs=trial_epochs, batch_size=batch_size, verbose=0)
     clock.save()
-    best = oracle.get_best_trials(1)
-    if not best:
+    ended = [t for t in oracle.trials.values() if t.status == "COMPLETED"]
+    scored = [t for t in ended if t.score is not None]
+    if not scored:
         raise TunerError(f"no trial finished within {clock.budget:.0f} s; expected a budget "
                          f"that holds at least one trial of {trial_epochs} epoch(s)")
-    best = best[0]
+    # The best score, ties to the first trial: KerasTuner's own order among equal scores
+    # changed when a project was reloaded (tiny trials tie often), and a resumed
+    # comparison must pick the network it picked before.
+    top = max(t.score for t in scored)
+    best = min((t for t in scored if t.score == top), key=lambda t: t.trial_id)
     g = values_genotype(hm, oracle.get_space(), best.hyperparameters.values)
     est = memory_lib.estimate(g, batch_size)
-    ended = [t for t in oracle.trials.values() if t.status == "COMPLETED"]
     metrics = {"best_val_accuracy": float(best.score), "best_trial": best.trial_id,
                "trials": len(oracle.trials), "completed_trials": len(ended),
                "redrawn_proposals": oracle.redrawn, "seconds": clock.used(),

@@ -9,6 +9,13 @@ if ROOT not in sys.path:
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+# Two logical CPU devices for the whole session, made before TensorFlow's runtime starts
+# (it fixes its devices then): the tests of --distribute=mirrored need them, and every
+# other test runs on the first, as it would on one device.
+from bonsai_tf import distribute as _distribute  # noqa: E402
+
+_distribute.split_cpu(2)
+
 
 @pytest.fixture
 def tiny_splits():

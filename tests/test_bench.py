@@ -29,3 +29,19 @@ def test_bench_step_times_a_tiny_supernet_and_writes_its_figures(tmp_path):
         assert row["first_step_seconds"] > 0 and row["graph_optimizer_on"] is True
     assert proxyless["operations"] == bonsai["operations"]
     assert result["machine"]["usable_cpus"] >= 1
+
+
+def test_bench_step_times_a_mirrored_step_on_two_logical_devices(tmp_path):
+    out = tmp_path / "step.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "bench_step.py"), "--scales=4",
+         "--shapes=8x8x1", "--patterns=1", "--nodes=1", "--space=small",
+         '--pattern_spec=[["n"],["r"]]', "--batch=4", "--steps=1", "--devices=1,2",
+         f"--out={out}"],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = json.loads(out.read_text())["results"]
+    assert [one["devices"], two["devices"]] == [1, 2]
+    assert one["operations"] == two["operations"] and two["seconds_per_step"] > 0
+    assert two["images_per_second"] == two["batch"] / two["seconds_per_step"]

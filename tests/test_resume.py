@@ -98,7 +98,25 @@ def snapshot(run_dir):
 
 
 def without_timing(d):
-    return {k: v for k, v in d.items() if k not in TIMING}
+    return {k: v for k, v in d.items() if k not in TIMING and k not in DIAGNOSTIC}
+
+
+# SpiderNet's per-round scores: the NTK condition number (a ratio of extreme eigenvalues
+# of a fresh network's kernel) amplifies the last bits of its sums, which a new process
+# may add in another order (seen: 6604.390729 against 6604.390759). Compared to 1e-6;
+# the decisions made from them (events, genotype) are compared exactly.
+DIAGNOSTIC = {"spider_round"}
+
+
+def assert_same_diagnostics(g, w):
+    for key in DIAGNOSTIC & set(g):
+        a, b = g[key], w.get(key)
+        assert isinstance(a, dict) and isinstance(b, dict) and sorted(a) == sorted(b), key
+        for k in a:
+            if isinstance(a[k], float):
+                assert a[k] == pytest.approx(b[k], rel=1e-6), (key, k)
+            else:
+                assert a[k] == b[k], (key, k)
 
 
 def assert_same_result(run_dir, ref_dir):
@@ -108,6 +126,7 @@ def assert_same_result(run_dir, ref_dir):
         for key in ("val_accuracy", "val_loss", "params", "train_loss", "operations", "events"):
             assert g[key] == w[key], (g["epoch"], key, g[key], w[key])
         assert without_timing(g) == without_timing(w), g["epoch"]
+        assert_same_diagnostics(g, w)
     assert without_timing(rd.read_json(os.path.join(run_dir, "metrics.json"))) == \
         without_timing(rd.read_json(os.path.join(ref_dir, "metrics.json")))
     g = G.Genotype.load(os.path.join(run_dir, "genotype.json"))

@@ -19,6 +19,7 @@ from absl import flags  # noqa: E402
 
 from bonsai_tf import cli  # noqa: E402  (no TensorFlow import)
 from bonsai_tf import config as config_lib  # noqa: E402  (no TensorFlow import)
+from bonsai_tf import distribute as distribute_lib  # noqa: E402  (no TensorFlow import)
 
 D = config_lib.RunConfig()  # defaults: BonsaiNet's paper values
 flags.DEFINE_string("dataset", D.dataset, "fashion_mnist, a TFDS image-classification name "
@@ -149,6 +150,14 @@ flags.DEFINE_enum("mixed_precision", D.mixed_precision, ["none", "mixed_float16"
                   "norms in float32 throughout), float16 activations with dynamic loss scaling, "
                   "or bfloat16 activations. For GPUs; never timed on one here, and slower on "
                   "this CPU (README).")
+flags.DEFINE_enum("distribute", D.distribute, list(config_lib.DISTRIBUTE), "tf.distribute: "
+                  "none (one device); mirrored (every device of this machine: all GPUs, or the "
+                  "CPU split into --devices logical devices); multi_worker (one process per "
+                  "worker, the cluster from TF_CONFIG; the chief writes the run directory). "
+                  "Each step's gradients are summed over the replicas and batch norms use the "
+                  "global batch, so a run computes what one device would.")
+flags.DEFINE_integer("devices", D.devices, "With --distribute=mirrored: logical CPU devices "
+                     "to split a GPU-less machine into (0: 2), or that many GPUs (0: all).")
 flags.DEFINE_integer("steps_per_epoch", D.steps_per_epoch, "Cap on steps per epoch (0: all).")
 flags.DEFINE_bool("measure_memory", D.measure_memory, "Measure allocator peak memory.")
 FLAGS = flags.FLAGS
@@ -324,6 +333,9 @@ def run(cfg, output_dir, overwrite=False, export=True, verbose=1, threads=None, 
     from bonsai_tf import machine
     from bonsai_tf import report
     machine.configure_threads(*(threads or (None, None)))
+    # Before anything runs: a CPU split into logical devices, or a cluster's collectives,
+    # must be set up before TensorFlow's runtime starts.
+    dist = distribute_lib.make(cfg.distribute, cfg.devices)
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
     splits = data_lib.load_dataset(cfg.dataset, cfg.data_dir or None, val_size=cfg.val_size,
@@ -338,6 +350,8 @@ def run(cfg, output_dir, overwrite=False, export=True, verbose=1, threads=None, 
     _check_genotype_fits(cfg, splits.info)
     if cfg.strategy in config_lib.SEARCHING:
         config_lib.pattern_cap(cfg, splits.info.image_shape)  # images too small: refused now
+    if not distribute_lib.is_chief(dist):
+        return _run_worker(cfg, splits, output_dir, dist, started)
     # Made and claimed only now: bad input leaves no directory behind, and bad data
     # leaves an existing one as it was, so the corrected command (say with
     # --image_size) is not refused as a different configuration.
@@ -360,7 +374,8 @@ def run(cfg, output_dir, overwrite=False, export=True, verbose=1, threads=None, 
     else:
         log.info("%s run in %s (%s)", cfg.strategy, output_dir, status)
         metrics = engine.Run(cfg, splits, output_dir, started=started,
-                             verbose=cli.progress_verbosity(verbose, sys.stdout)).run()
+                             verbose=cli.progress_verbosity(verbose, sys.stdout),
+                             distribution=dist).run()
     if export:
         from bonsai_tf import export as export_lib
         with cli.dropping_stderr_lines(cli.EXPORT_NOISE):
@@ -369,6 +384,39 @@ def run(cfg, output_dir, overwrite=False, export=True, verbose=1, threads=None, 
     log.info("test accuracy %.4f, %d parameters, %d cells; report: %s", metrics["test_accuracy"],
              metrics["params"], metrics["cells"], os.path.join(output_dir, "report.md"))
     return metrics
+
+
+# What a worker other than the chief reads of the chief's run directory to resume with it.
+WORKER_RESUME_FILES = ("config.json", "dataset.json", "genotype.json", "metrics.jsonl",
+                       "plan.json", "checkpoint")
+
+
+def _run_worker(cfg, splits, output_dir, dist, started):
+    """A multi-worker cluster's worker other than the chief: the same run, in a scratch
+    directory of its own (the chief alone writes `output_dir`), resumed from the
+    chief's last checkpoint where there is one; no report, no exports. Returns its
+    metrics."""
+    import shutil
+    import tempfile
+    from bonsai_tf import engine
+    log = _setup_logging()
+    scratch = tempfile.mkdtemp(prefix="bonsai-worker-")
+    try:
+        if os.path.exists(os.path.join(output_dir, "metrics.json")):
+            log.info("%s is finished: nothing for this worker to do", output_dir)
+            return json.load(open(os.path.join(output_dir, "metrics.json")))
+        for name in WORKER_RESUME_FILES:
+            src = os.path.join(output_dir, name)
+            if os.path.isdir(src):
+                shutil.copytree(src, os.path.join(scratch, name))
+            elif os.path.isfile(src):
+                shutil.copy2(src, os.path.join(scratch, name))
+        log.info("worker of a %d-worker cluster: training in %s (the chief writes %s)",
+                 distribute_lib.num_workers(dist), scratch, output_dir)
+        return engine.Run(cfg, splits, scratch, started=started, verbose=0,
+                          distribution=dist).run()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _main(argv, overrides, implied, strategies):
@@ -433,6 +481,7 @@ def input_errors():
     types = [UsageError, config_lib.ConfigError, genotype_lib.GenotypeError, rd.RunDirError]
     for module, name in (("bonsai_tf.data", "DataError"), ("bonsai_tf.engine", "BudgetError"),
                          ("bonsai_tf.engine", "NonFiniteLoss"),
+                         ("bonsai_tf.distribute", "DistributeError"),
                          ("bonsai_tf.export", "ExportError")):
         if module in sys.modules:
             types.append(getattr(sys.modules[module], name))
