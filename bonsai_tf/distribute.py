@@ -17,8 +17,8 @@ update to its copy of the variables, so weights, gates and alphas stay the same 
 replica. Batch norm normalises each replica's part of the batch by its own statistics,
 as data-parallel training usually does: global-batch statistics cost a collective per
 batch norm, and a supernet has hundreds of them; on 2 logical CPU devices here each
-collective added 0.1-0.5 s to every trace (the step is traced again after each
-structural change). So a mirrored run is one device's run whose batch norms see
+collective added 0.13-0.49 s to every trace in a micro-benchmark run while another job
+shared the machine (the step is traced again after each structural change). So a mirrored run is one device's run whose batch norms see
 smaller batches, not the same numbers; `tests/test_distribute.py` checks exactly that
 (one step against one device stepping on the halves). The moving statistics, which
 each replica updates from its part, are averaged over the replicas at the end of every
@@ -184,12 +184,10 @@ def _tf_variable(v):
     return v if isinstance(v, tf.Variable) else v.value
 
 
-def average_replicas(strategy, variables):
-    """Sets every replica's copy of each of `variables` (float ones) to their mean over
-    the replicas and workers, in one collective: the batch norms' moving statistics,
-    which each replica updates from its own part of the batch (the engine calls this at
-    the end of every epoch, so validation, checkpoints and the decisions between epochs
-    see one value). Returns the largest change made."""
+def _set_everywhere(strategy, variables, combine):
+    """Sets every replica's copy of each float variable of `variables` to
+    combine(replica context, [local values]) (one collective inside `combine`); returns
+    the largest change made (0.0 on one device)."""
     import tensorflow as tf
     floats = [v for v in variables if getattr(v, "dtype", None) in ("float32", tf.float32)]
     if not floats or not is_distributed(strategy):
@@ -197,18 +195,26 @@ def average_replicas(strategy, variables):
     inner = [_tf_variable(v) for v in floats]
 
     @tf.function(autograph=False)
-    def average():
+    def set_all():
         def replica():
-            ctx = tf.distribute.get_replica_context()
             local = [tf.identity(v.read_value()) for v in inner]
-            means = ctx.all_reduce("mean", local)
-            moved = tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(m - x))
-                                            for m, x in zip(means, local)]))
-            for v, m in zip(inner, means):
-                v.assign(m)
+            new = combine(tf.distribute.get_replica_context(), local)
+            moved = tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(n - x))
+                                            for n, x in zip(new, local)]))
+            for v, n in zip(inner, new):
+                v.assign(n)
             return moved
         return strategy.run(replica)
-    return float(max(float(r) for r in strategy.experimental_local_results(average())))
+    return float(max(float(r) for r in strategy.experimental_local_results(set_all())))
+
+
+def average_replicas(strategy, variables):
+    """Sets every replica's copy of each of `variables` (float ones) to their mean over
+    the replicas and workers, in one collective: the batch norms' moving statistics,
+    which each replica updates from its own part of the batch (the engine calls this at
+    the end of every epoch, so validation, checkpoints and the decisions between epochs
+    see one value). Returns the largest change made."""
+    return _set_everywhere(strategy, variables, lambda ctx, local: ctx.all_reduce("mean", local))
 
 
 def broadcast_first(strategy, variables):
@@ -217,26 +223,12 @@ def broadcast_first(strategy, variables):
     new variables, every replica starts from the same values. Returns the largest
     change made (0.0 where they were the same already)."""
     import tensorflow as tf
-    numeric = [v for v in variables if getattr(v, "dtype", None) in ("float32", tf.float32)]
-    if not numeric or not is_distributed(strategy):
-        return 0.0
-    inner = [_tf_variable(v) for v in numeric]
 
-    @tf.function(autograph=False)
-    def broadcast():
-        def replica():
-            ctx = tf.distribute.get_replica_context()
-            first = tf.cast(tf.equal(ctx.replica_id_in_sync_group, 0), tf.float32)
-            local = [tf.identity(v.read_value()) for v in inner]
-            # Everyone else sends zeros: the sum is the first replica's values.
-            chiefs = ctx.all_reduce("sum", [first * x for x in local])
-            moved = tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(c - x))
-                                            for c, x in zip(chiefs, local)]))
-            for v, c in zip(inner, chiefs):
-                v.assign(c)
-            return moved
-        return strategy.run(replica)
-    return float(max(float(r) for r in strategy.experimental_local_results(broadcast())))
+    def firsts(ctx, local):
+        # Everyone else sends zeros: the sum is the first replica's values.
+        first = tf.cast(tf.equal(ctx.replica_id_in_sync_group, 0), tf.float32)
+        return ctx.all_reduce("sum", [first * x for x in local])
+    return _set_everywhere(strategy, variables, firsts)
 
 
 def largest(strategy, value):

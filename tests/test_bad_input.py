@@ -159,6 +159,8 @@ FLAG_CASES = [
     (["--latency_target_ms=-2"], ["latency_target_ms = -2.0", ">= 0"]),
     (["--latency_weight=-1"], ["latency_weight = -1.0", ">= 0"]),
     (["--latency_select=fastest"], ["--latency_select=fastest", "measured|table|argmax"]),
+    (["--devices=-1"], ["devices = -1", ">= 0"]),
+    (["--distribute=ring"], ["--distribute=ring", "none|mirrored|multi_worker"]),
     (["--strategy=proxyless", "--val_size=0"], ["val_size = 0", "with strategy=proxyless"]),
     (["--reductions=-1"], ["reductions = -1", "[0, 8]"]),
     (["--reductions=9"], ["reductions = 9", "[0, 8]"]),
@@ -209,7 +211,7 @@ FLAG_CASES = [
 # Messages (absl's, genotype.py's) that name the expectation in other words, which
 # the fragments of these cases check: "Did you mean", "must be", "should be one of".
 OTHER_WORDS = {"--scael=3", '--patterns=[["r"]]', "--strategy=greedy", "--proxyless_grad=darts",
-               "--latency_select=fastest",
+               "--latency_select=fastest", "--distribute=ring",
                "--graph_optimizer=maybe", "--mixed_precision=fp8"}
 
 

@@ -13,8 +13,6 @@ import tensorflow as tf
 from bonsai_tf import config as config_lib
 from bonsai_tf import distribute
 from bonsai_tf import engine
-from bonsai_tf import genotype as G
-from bonsai_tf import layers as L
 
 # A tiny BonsaiNet search that deadheads and grows, without drop path: drop path draws
 # one mask per example, and a replica draws for its half of the batch only. val_size 0:
@@ -95,44 +93,13 @@ def test_moving_statistics_are_averaged_over_the_replicas(tiny_splits, tmp_path,
     assert stats and distribute.replica_spread(stats) > 0   # each replica its own half
     before = [np.mean(_copies(v), 0) for v in stats]
     moved = distribute.average_replicas(mirrored, run.net.model.non_trainable_weights)
-    assert moved > 0 and distribute.replica_spread(run.net.model.weights) == 0.0
+    # weights, gates, statistics and momentum: one value on every replica
+    assert moved > 0 and distribute.replica_spread(_all_variables(run)) == 0.0
+    assert all(len(_copies(v)) == 2 for v in _all_variables(run))
     for v, want in zip(stats, before):
         np.testing.assert_allclose(_copies(v)[0], want, rtol=1e-6, atol=1e-7)
     # nothing to average on one device
     assert distribute.average_replicas(tf.distribute.get_strategy(), stats) == 0.0
-
-
-@pytest.mark.slow
-def test_a_mirrored_search_resumes_and_keeps_its_replicas_identical(tiny_splits, tmp_path,
-                                                                    mirrored, monkeypatch):
-    # Stopped after its second epoch (a deadhead, a growth, the search's end), resumed from
-    # the checkpoint, finished. (tests/test_multi_worker.py compares a resumed 2-worker
-    # cluster with an uninterrupted mirrored run, number for number.)
-    short = dict(epochs=3, search_epochs=2)
-    first = _run(tiny_splits, tmp_path, mirrored, **short)
-    calls = {"n": 0}
-    save = engine.Run._save
-
-    def save_then_stop(self):
-        save(self)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(engine.Run, "_save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        first.run()
-    monkeypatch.setattr(engine.Run, "_save", save)
-    resumed = _run(tiny_splits, tmp_path, mirrored, **short)
-    metrics = resumed.run()
-    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [r["epoch"] for r in records] == [1, 2, 3]
-    events = " ".join(e for r in records for e in r["events"])
-    assert "deadhead" in events and "grow" in events and metrics["test_accuracy"] > 0
-    # weights, gates, batch norm statistics and momentum: one value on every replica
-    assert distribute.replica_spread(_all_variables(resumed)) == 0.0
-    assert all(len(_copies(v)) == 2 for v in _all_variables(resumed))   # slots too
-    # a checkpoint holds one copy of each variable: one device may take a run over
-    assert "distribute" not in config_lib.RunConfig(distribute="mirrored").identity()
 
 
 def test_bad_distribution_settings_say_what_was_expected(mirrored):

@@ -14,8 +14,7 @@ import pytest
 
 from bonsai_tf import genotype as G
 from bonsai_tf import run_dir as rd
-from helpers import make_folder
-from test_resume import ROOT, SEARCH, records, search_flags, tail
+from test_resume import ROOT, SEARCH, data, records, run, search_flags, tail  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -59,17 +58,10 @@ def _cluster(args, faults=(None, None), timeout_s="30"):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_folder(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
+    """One process mirrored over 2 logical devices, uninterrupted."""
     out = str(tmp_path_factory.mktemp("reference") / "run")
-    proc = subprocess.run([sys.executable, SEARCH, "--distribute=mirrored", "--devices=2"]
-                          + _flags(data, out), cwd=ROOT,
-                          capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    proc = run(["--distribute=mirrored", "--devices=2"] + _flags(data, out))
     assert proc.returncode == 0, tail(proc)
     return out
 
