@@ -492,8 +492,14 @@ class Run:
         slowest worker's time: a plan all of them keep). One worker: `value` itself."""
         if self.workers <= 1:
             return value
-        return float(tf.function(functools.partial(distribute_lib.largest, self.dist),
-                                 autograph=False)(tf.constant(float(value), tf.float32)))
+        return float(self._largest(tf.constant(float(value), tf.float32)))
+
+    def _largest(self, tensor):
+        """distribute_lib.largest over the workers, traced once per Run (not per call)."""
+        if getattr(self, "_largest_fn", None) is None:
+            self._largest_fn = tf.function(functools.partial(distribute_lib.largest, self.dist),
+                                           autograph=False)
+        return self._largest_fn(tensor)
 
     def _from_chief(self, obj):
         """The chief's `obj` (plain JSON) on every worker."""
@@ -507,8 +513,7 @@ class Run:
         if distribute_lib.is_chief(self.dist):
             buf[:len(mine)] = mine
         # The others send zeros: the largest of every byte is the chief's.
-        got = tf.function(functools.partial(distribute_lib.largest, self.dist),
-                          autograph=False)(tf.constant(buf)).numpy().astype(np.uint8)
+        got = self._largest(tf.constant(buf)).numpy().astype(np.uint8)
         return json.loads(got.tobytes().rstrip(b"\0").decode())
 
     def _dataset(self, epoch):

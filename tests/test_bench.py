@@ -11,17 +11,21 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bench_step_times_a_tiny_supernet_and_writes_its_figures(tmp_path):
+def _bench_step(tmp_path, *flags):
+    """bench/bench_step.py on a tiny supernet with `flags`; its output JSON."""
     out = tmp_path / "step.json"
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "bench_step.py"), "--scales=4",
          "--shapes=8x8x1", "--patterns=1", "--nodes=1", "--space=small",
-         '--pattern_spec=[["n"],["r"]]', "--batch=4", "--steps=1", "--graph_optimizer=on",
-         "--strategies=bonsai,proxyless", f"--out={out}"],
+         '--pattern_spec=[["n"],["r"]]', "--batch=4", "--steps=1", f"--out={out}", *flags],
         capture_output=True, text=True, timeout=600,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_bench_step_times_a_tiny_supernet_and_writes_its_figures(tmp_path):
+    result = _bench_step(tmp_path, "--graph_optimizer=on", "--strategies=bonsai,proxyless")
     bonsai, proxyless = result["results"]
     assert [bonsai["strategy"], proxyless["strategy"]] == ["bonsai", "proxyless"]
     for row in (bonsai, proxyless):   # the same supernet, stepped two ways
@@ -32,16 +36,7 @@ def test_bench_step_times_a_tiny_supernet_and_writes_its_figures(tmp_path):
 
 
 def test_bench_step_times_a_mirrored_step_on_two_logical_devices(tmp_path):
-    out = tmp_path / "step.json"
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "bench_step.py"), "--scales=4",
-         "--shapes=8x8x1", "--patterns=1", "--nodes=1", "--space=small",
-         '--pattern_spec=[["n"],["r"]]', "--batch=4", "--steps=1", "--devices=1,2",
-         f"--out={out}"],
-        capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = json.loads(out.read_text())["results"]
+    one, two = _bench_step(tmp_path, "--devices=1,2")["results"]
     assert [one["devices"], two["devices"]] == [1, 2]
     assert one["operations"] == two["operations"] and two["seconds_per_step"] > 0
     assert two["images_per_second"] == two["batch"] / two["seconds_per_step"]

@@ -34,15 +34,6 @@ def _run(splits, run_dir, dist=None, **kw):
     return engine.Run(cfg, splits, str(run_dir), verbose=0, distribution=dist)
 
 
-def _all_variables(run):
-    out = list(run.net.model.weights)
-    for slot in run.opt.slots.values():
-        out.append(slot)
-    if run.arch_opt is not None:
-        out += [v for pair in run.arch_opt.slots.values() for v in pair]
-    return out
-
-
 def _as_list(outs):
     return list(outs) if isinstance(outs, (list, tuple)) else [outs]
 
@@ -94,8 +85,8 @@ def test_moving_statistics_are_averaged_over_the_replicas(tiny_splits, tmp_path,
     before = [np.mean(_copies(v), 0) for v in stats]
     moved = distribute.average_replicas(mirrored, run.net.model.non_trainable_weights)
     # weights, gates, statistics and momentum: one value on every replica
-    assert moved > 0 and distribute.replica_spread(_all_variables(run)) == 0.0
-    assert all(len(_copies(v)) == 2 for v in _all_variables(run))
+    assert moved > 0 and distribute.replica_spread(run._all_variables()) == 0.0
+    assert all(len(_copies(v)) == 2 for v in run._all_variables())
     for v, want in zip(stats, before):
         np.testing.assert_allclose(_copies(v)[0], want, rtol=1e-6, atol=1e-7)
     # nothing to average on one device

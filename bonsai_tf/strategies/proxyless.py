@@ -121,7 +121,7 @@ def latency_penalty(expected_ms, target_ms, weight):
 
 
 # The final selection measures at most this many candidate networks: each measurement
-# converts and times a whole network (about 7 s for the quick configuration's here); the
+# converts and times a whole network (5-7 s for the quick configuration's here); the
 # greedy steps between measurements are table predictions, rescaled by the last one.
 SELECT_MEASURES = 8
 
@@ -181,6 +181,12 @@ def greedy_path(genotype, predict, down=True, start=None, limit=None):
         path.append((dict(choice), predicted, switch))
 
 
+def _first_fit(preds, target_ms, scale=1.0):
+    """The first step whose rescaled prediction is at or under the target (the last
+    step where none is)."""
+    return next((k for k, p in enumerate(preds) if scale * p <= target_ms), len(preds) - 1)
+
+
 def _boundary(preds, target_ms, measure_at, budget, known_under, known_over, scale, rising):
     """The search of one path for the step where the measured latency crosses the target.
 
@@ -194,10 +200,10 @@ def _boundary(preds, target_ms, measure_at, budget, known_under, known_over, sca
     n = len(preds)
 
     def crossing(scale):
+        if not rising:
+            return _first_fit(preds, target_ms, scale)
         fits = [k for k, p in enumerate(preds) if scale * p <= target_ms]
-        if not fits:
-            return n - 1 if not rising else 0
-        return fits[0] if not rising else fits[-1]
+        return fits[-1] if fits else 0
     while budget() > 0:
         if rising:
             lo, hi = (-1 if under is None else under), (n if over is None else over)
@@ -241,7 +247,7 @@ def select_under_target(genotype, target_ms, predict, measure=None,
     """
     if not target_ms > 0:
         raise ValueError(f"target_ms = {target_ms!r}; expected a latency target > 0 ms")
-    measured = []      # (part, step, predicted, ms)
+    measured = []      # {part, switches, predicted_ms, measured_ms} of every network timed
     spent = {"n": 0}
 
     def budget():
@@ -264,8 +270,7 @@ def select_under_target(genotype, target_ms, predict, measure=None,
     preds = [p for _, p, _ in down]
     final_ms = None
     if measure is None:
-        pick, scale, verified = next((k for k, p in enumerate(preds) if p <= target_ms),
-                                     len(down) - 1), 1.0, True
+        pick, scale, verified = _first_fit(preds, target_ms), 1.0, True
     else:
         at, cache = measurer("down", down)
         pick, scale = _boundary(preds, target_ms, at, budget, None, None, 1.0, rising=False)
@@ -274,8 +279,7 @@ def select_under_target(genotype, target_ms, predict, measure=None,
             final_ms = cache[pick]
         else:   # nothing measured under: the table's guess, unverified
             over = max(cache) if cache else -1
-            pick = min(max(next((k for k, p in enumerate(preds) if scale * p <= target_ms),
-                                len(down) - 1), over + 1), len(down) - 1)
+            pick = min(max(_first_fit(preds, target_ms, scale), over + 1), len(down) - 1)
     (choice, predicted, _), ups = down[pick], []
     # Up while steps fit; again after each measurement that shows room the rescaled
     # table had not seen (its scale changes with the network measured).
