@@ -38,8 +38,6 @@ failed is reported in compare.md and makes the exit status 1.
 import logging
 import os
 import re
-import signal
-import subprocess
 import sys
 import time
 
@@ -58,11 +56,14 @@ from bonsai_tf import comparison as cmp  # noqa: E402
 from bonsai_tf import config as config_lib  # noqa: E402
 from bonsai_tf import genotype as genotype_lib  # noqa: E402
 from bonsai_tf import memory as memory_lib  # noqa: E402
+from bonsai_tf import machine  # noqa: E402  (no TensorFlow at import)
 from bonsai_tf import run_dir as rd  # noqa: E402
+from bonsai_tf import trial_queue  # noqa: E402  (KerasTuner only once trials are queued)
 
 SEARCH = os.path.join(REPO, "train", "search.py")
 TRAIN = os.path.join(REPO, "train", "train.py")
 TUNE = os.path.join(REPO, "train", "tune.py")
+WORKER = os.path.join(REPO, "bench", "compare_worker.py")
 DEFAULT_FLAGFILE = os.path.join(REPO, "train", "configs", "fmnist_quick.flags")
 STATE_FILE = "compare.json"
 FORMAT = "bonsai-tf/compare"
@@ -100,6 +101,16 @@ flags.DEFINE_float("search_fraction", 0.75, "Share of a search run's training ti
                    "searches (its own final training is not what is compared).",
                    flag_values=OWN)
 flags.DEFINE_integer("trial_epochs", 2, "Epochs of each KerasTuner trial.", flag_values=OWN)
+flags.DEFINE_integer("workers", 1, "Sub-runs at once. 1: one after the other in this process's "
+                     "care; N > 1: a KerasTuner chief here hands them out to N worker "
+                     "processes (bench/compare_worker.py), each given the machine's cores / "
+                     "its local workers as TensorFlow threads. Not part of the comparison's "
+                     "identity: a rerun may use another count (the budget split is kept).",
+                     flag_values=OWN)
+flags.DEFINE_integer("local_workers", -1, "Of --workers, how many this command starts on this "
+                     "machine; -1: all. Fewer needs KERASTUNER_TUNER_ID=chief and "
+                     "KERASTUNER_ORACLE_IP/PORT set, and the rest started elsewhere with "
+                     "bench/compare_worker.py (see the README).", flag_values=OWN)
 flags.DEFINE_integer("latency_runs", 50, "Timed single-image calls of each int8 model (the "
                      "median is reported).", flag_values=OWN)
 
@@ -194,7 +205,10 @@ def parse(argv):
               ("search_share", 0 < OWN.search_share < 1, "a fraction in (0, 1)"),
               ("search_fraction", 0 < OWN.search_fraction < 1, "a fraction in (0, 1)"),
               ("trial_epochs", OWN.trial_epochs >= 1, "an integer >= 1"),
-              ("latency_runs", OWN.latency_runs >= 1, "an integer >= 1"))
+              ("latency_runs", OWN.latency_runs >= 1, "an integer >= 1"),
+              ("workers", OWN.workers >= 1, "an integer >= 1 (sub-runs at once)"),
+              ("local_workers", -1 <= OWN.local_workers <= OWN.workers,
+               f"-1 (all) or 0..--workers={OWN.workers}"))
     for name, ok, expected in checks:
         if not ok:
             raise UsageError(f"--{name}={getattr(OWN, name)}; expected {expected}")
@@ -225,53 +239,38 @@ def parse(argv):
     return settings, None
 
 
-# ---- running sub-runs -------------------------------------------------------------------------
-def subprocess_launcher(script, args, log_path):
-    """Runs `python script args` with its output appended to log_path.
-
-    Returns (exit status, its last `error:` line or last line). The child is ended
-    when compare.py dies, even by SIGKILL (Linux), so that a rerun never finds an
-    orphan still working on the run directory it resumes.
-    """
-    env = dict(os.environ)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    with open(log_path, "ab") as out:
-        out.write(f"\n$ {sys.executable} {script} {' '.join(args)}\n".encode())
-        out.flush()
-        proc = subprocess.Popen([sys.executable, script, *args], stdout=out,
-                                stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+def pool_plan(workers, local_workers, environ=os.environ):
+    """Where the trial queue is served and how many workers start here: a dict, or None
+    for one sub-run at a time. Raises UsageError when the chief's address is wanted."""
+    local = workers if local_workers < 0 else local_workers
+    env = {v: environ.get(v) for v in trial_queue.ENV_VARS}
+    chief = env[trial_queue.ENV_ID] is not None and "chief" in env[trial_queue.ENV_ID]
+    if chief:
+        missing = [v for v in (trial_queue.ENV_IP, trial_queue.ENV_PORT) if not env[v]]
+        if missing:
+            raise UsageError(f"{trial_queue.ENV_ID}={env[trial_queue.ENV_ID]} but "
+                             f"{', '.join(missing)} not set; expected the address the "
+                             f"workers reach this machine at")
         try:
-            code = proc.wait()
-        except BaseException:
-            # Ctrl-C (or another exception) in compare.py: the sub-run stops too; it
-            # resumes from its last checkpoint when the comparison is run again.
-            try:
-                proc.send_signal(signal.SIGINT)
-                proc.wait(timeout=30)
-            except (OSError, subprocess.TimeoutExpired):
-                proc.kill()
-                proc.wait()
-            raise
-    return code, _last_error(log_path)
-
-
-def _die_with_parent():
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: an orphan may outlive a killed comparison
-
-
-def _last_error(path):
-    try:
-        with open(path, errors="replace") as f:
-            lines = [line.strip() for line in f.readlines()[-200:] if line.strip()]
-    except OSError:
+            port = int(env[trial_queue.ENV_PORT])
+        except ValueError:
+            raise UsageError(f"{trial_queue.ENV_PORT}={env[trial_queue.ENV_PORT]!r}; expected "
+                             f"a port number") from None
+        return {"ip": env[trial_queue.ENV_IP], "port": port, "local": local,
+                "remote": local < workers, "workers": workers}
+    if local < workers:
+        raise UsageError(f"--local_workers={local} of --workers={workers}: the other "
+                         f"{workers - local} need this chief's address; expected "
+                         f"{trial_queue.ENV_ID}=chief and {trial_queue.ENV_IP}/"
+                         f"{trial_queue.ENV_PORT} set (or --local_workers=-1)")
+    if workers == 1:
         return None
-    errors = [line for line in lines if line.startswith("error:")]
-    return (errors or lines or [None])[-1]
+    return {"ip": "127.0.0.1", "port": 0, "local": local, "remote": False, "workers": workers}
+
+
+# ---- running sub-runs -------------------------------------------------------------------------
+subprocess_launcher = trial_queue.subprocess_launcher
+_last_error = trial_queue.last_error
 
 
 class Comparison:
@@ -282,10 +281,13 @@ class Comparison:
     """
 
     def __init__(self, settings, launcher=subprocess_launcher, started=None, latency_runs=50,
-                 command=None):
+                 command=None, pool=None):
         self.settings, self.launcher = settings, launcher
         self.started = time.time() if started is None else started
         self.out = settings["output_dir"]
+        # pool_plan()'s dict: sub-runs go to worker processes through a trial queue.
+        self.pool_plan, self.pool = pool, None
+        self.workers = pool["workers"] if pool else 1
         self.latency_runs = latency_runs
         self.command = command or []
         self.state = None
@@ -317,7 +319,7 @@ class Comparison:
         self.check_output_dir(ours=("compare.log",))
         s = self.settings
         split = cmp.split_budget(s["time_budget_minutes"] * 60.0, len(s["strategies"]),
-                                 s["seeds"], s["search_share"])
+                                 s["seeds"], s["search_share"], workers=self.workers)
         self.before = 0.0
         self.state = {"format": FORMAT, "version": VERSION, "settings": s, "split": split,
                       "epochs_plan": None, "runs": {}, "elapsed_seconds": 0.0}
@@ -350,21 +352,31 @@ class Comparison:
         return [f"--flagfile={s['flagfile']}", *METHOD_FLAGS.get(strategy, []),
                 *s["passthrough"], "--verbose=0"]
 
-    def _ensure(self, name, script, args, done_files):
-        """Runs sub-run `name` unless it is finished; returns whether it is finished now."""
-        run_dir = self._path(name)
+    def _entry(self, name):
         entry = self.state["runs"].setdefault(name, {"wall_seconds": 0.0, "invocations": 0})
         entry["dir"] = name
+        return entry
 
-        def finished():
-            return all(os.path.exists(os.path.join(run_dir, f)) for f in done_files)
-        if finished():
-            if entry.get("status") != "done":
-                entry["status"] = "done"
-                self._save()
-            self.any_done = True
+    def _finished(self, name, done_files):
+        return all(os.path.exists(self._path(name, f)) for f in done_files)
+
+    def _already_done(self, name, done_files):
+        """Whether sub-run `name` finished before (marked done in the state if so)."""
+        if not self._finished(name, done_files):
+            return False
+        entry = self._entry(name)
+        if entry.get("status") != "done":
+            entry["status"] = "done"
+            self._save()
+        self.any_done = True
+        return True
+
+    def _ensure(self, name, script, args, done_files):
+        """Runs sub-run `name` unless it is finished; returns whether it is finished now."""
+        if self._already_done(name, done_files):
             return True
-        log.info("%s: %s", name, "resuming" if os.path.exists(run_dir) else "starting")
+        entry = self._entry(name)
+        log.info("%s: %s", name, "resuming" if os.path.exists(self._path(name)) else "starting")
         t0 = time.time()
         try:
             code, error = self.launcher(script, args, self._path("logs", f"{name}.log"))
@@ -372,11 +384,15 @@ class Comparison:
             entry["wall_seconds"] += time.time() - t0
             entry["invocations"] += 1
             self._save()
+        return self._outcome(name, done_files, code, error, time.time() - t0)
+
+    def _outcome(self, name, done_files, code, error, seconds):
+        entry = self._entry(name)
         entry["exit"] = code
-        if code == 0 and finished():
+        if code == 0 and self._finished(name, done_files):
             entry["status"], entry["error"] = "done", None
             self.any_done = True
-            log.info("%s: done in %.0f s", name, time.time() - t0)
+            log.info("%s: done in %.0f s", name, seconds)
         else:
             entry["status"], entry["error"] = "failed", error
             log.info("%s: failed (exit %s): %s", name, code, error)
@@ -389,6 +405,72 @@ class Comparison:
         rd.fault_point(f"compare:{name}")
         return entry["status"] == "done"
 
+    def _run_jobs(self, jobs, phase):
+        """Runs [(name, script, args, done files)]: in turn, or all at once on the workers.
+        The phase's wall-clock adds up in compare.json's phase_seconds (over reruns)."""
+        t0 = time.time()
+        try:
+            self._run_phase(jobs)
+        finally:
+            phases = self.state.setdefault("phase_seconds", {})
+            phases[phase] = phases.get(phase, 0.0) + time.time() - t0
+            self._save()
+
+    def _run_phase(self, jobs):
+        if self.pool_plan is None:
+            for job in jobs:
+                self._ensure(*job)
+            return
+        waiting = {}
+        specs = []
+        for name, script, args, done in jobs:
+            if self._already_done(name, done):
+                continue
+            log.info("%s: queued (%s)", name,
+                     "resuming" if os.path.exists(self._path(name)) else "starting")
+            waiting[name] = done
+            specs.append(trial_queue.job_spec(name, script, args,
+                                              self._path("logs", f"{name}.log"), os.getcwd()))
+        if not specs:
+            return
+        pool = self._pool()
+        pool.submit(specs)
+        while waiting:
+            for name, r in pool.wait(list(waiting)).items():
+                done = waiting.pop(name)
+                entry = self._entry(name)
+                entry["wall_seconds"] += r["seconds"]
+                entry["invocations"] += 1
+                entry["worker"] = r["tuner"]
+                error = None if r["exit"] == 0 else (
+                    _last_error(self._path("logs", f"{name}.log")) or r.get("message"))
+                self._outcome(name, done, r["exit"], error, r["seconds"])
+
+    def _pool(self):
+        if self.pool is None:
+            plan = self.pool_plan
+            cores = machine.usable_cpus()
+            # What thread_plan() gives one run on few cores, split between the runs here.
+            threads = f"--threads={max(1, cores // max(1, plan['local']))},1"
+            self.pool = trial_queue.Chief(
+                plan["ip"], plan["port"], plan["local"],
+                lambda i: [sys.executable, WORKER, threads,
+                           f"--directory={self._path('workers')}"],
+                self._path("logs"), remote=plan["remote"])
+            log.info("trial queue at %s:%s: %d worker process(es) here%s", plan["ip"],
+                     self.pool.port, plan["local"],
+                     f", {plan['workers'] - plan['local']} expected from elsewhere"
+                     if plan["remote"] else "")
+        return self.pool
+
+    def close(self, finished):
+        if self.pool is not None:
+            if finished:
+                self.pool.finish()
+            else:
+                self.pool.close()
+            self.pool = None
+
     def _skip(self, name, why):
         entry = self.state["runs"].setdefault(name, {"wall_seconds": 0.0, "invocations": 0})
         if entry.get("status") != "done":
@@ -400,21 +482,35 @@ class Comparison:
 
     def run(self):
         self._load()
+        finished = False
+        try:
+            self._run_jobs(self._search_jobs(), "search side")
+            self._cnn_genotype()
+            self._plan()
+            self._run_jobs(self._retrain_jobs(), "retrainings")
+            finished = True
+        finally:
+            self.close(finished)
+        return self.report()
+
+    def _search_jobs(self):
         s, split = self.settings, self.state["split"]
         minutes = round(split["search_run_seconds"] / 60.0, 4)
-        for strategy, k in self.pairs():
-            self._ensure(f"search-{strategy}-s{k}", SEARCH, self._common(strategy) + [
-                f"--strategy={strategy}", f"--seed={k}", f"--time_budget_minutes={minutes}",
-                f"--search_fraction={s['search_fraction']}", "--noexport",
-                f"--output_dir={self._path(f'search-{strategy}-s{k}')}"], ["metrics.json"])
-        self._ensure("tuner", TUNE, self._common() + [
+        searches = [(f"search-{strategy}-s{k}", SEARCH, self._common(strategy) + [
+            f"--strategy={strategy}", f"--seed={k}", f"--time_budget_minutes={minutes}",
+            f"--search_fraction={s['search_fraction']}", "--noexport",
+            f"--output_dir={self._path(f'search-{strategy}-s{k}')}"], ["metrics.json"])
+            for strategy, k in self.pairs()]
+        tuner = ("tuner", TUNE, self._common() + [
             "--seed=0", f"--time_budget_minutes={round(split['tuner_seconds'] / 60.0, 4)}",
             f"--trial_epochs={s['trial_epochs']}", f"--output_dir={self._path('tuner')}"],
             ["metrics.json"])
-        self._cnn_genotype()
-        self._plan()
-        epochs = self.state["epochs_plan"]["epochs"]
+        # At once, the longest first (split_budget's schedule); in turn, as it always was.
+        return [tuner] + searches if self.pool_plan else searches + [tuner]
+
+    def _retrain_jobs(self):
         retrain = ["metrics.json", "export.json"]
+        jobs = []
         for strategy, k in self.pairs():
             found = self._path(f"search-{strategy}-s{k}", "genotype.json")
             for kind, name in (("fixed", f"retrain-{strategy}-s{k}"),
@@ -422,7 +518,7 @@ class Comparison:
                 if self.state["runs"][f"search-{strategy}-s{k}"].get("status") != "done":
                     self._skip(name, f"search-{strategy}-s{k} did not finish")
                     continue
-                self._ensure(name, TRAIN, self._retrain_args(kind, found, k, name), retrain)
+                jobs.append((name, TRAIN, self._retrain_args(kind, found, k, name), retrain))
         for name, source, what in (("retrain-tuner", self._path("tuner", "genotype.json"),
                                     "tuner"),
                                    ("retrain-cnn", self._path("genotypes", "cnn.json"),
@@ -430,8 +526,14 @@ class Comparison:
             if not os.path.exists(source):
                 self._skip(name, f"{what} has no genotype")
                 continue
-            self._ensure(name, TRAIN, self._retrain_args("fixed", source, 0, name), retrain)
-        return self.report()
+            jobs.append((name, TRAIN, self._retrain_args("fixed", source, 0, name), retrain))
+        if self.pool_plan:
+            # The longest first, by the plan's estimates (the schedule plan_epochs assumed).
+            e = self.state["epochs_plan"]["epochs"]
+            est = {r["name"]: r["overhead_seconds"] + e * r["epoch_seconds"]
+                   for r in self.state["epochs_plan"].get("runs") or ()}
+            jobs.sort(key=lambda job: -est.get(job[0], 0.0))
+        return jobs
 
     def _retrain_args(self, strategy, genotype, seed, name):
         return self._common() + [
@@ -552,7 +654,7 @@ class Comparison:
             runs.append({"name": name, "epoch_seconds": epoch, "overhead_seconds": over,
                          "reference": ref})
         left = split["total_seconds"] - self.elapsed() - split["reserve_seconds"]
-        plan = cmp.plan_epochs(left, runs)
+        plan = cmp.plan_epochs(left, runs, workers=self.workers)
         plan.update(full_pass_steps=full_steps, train_examples=n_train, val_examples=n_val,
                     test_examples=n_test, speeds=[sp for _, _, sp in refs])
         return plan
@@ -660,7 +762,8 @@ def main(argv, launcher=subprocess_launcher, started=None):
         if help_kind:
             return _help(help_kind)
         comparison = Comparison(settings, launcher, started=started or STARTED,
-                                latency_runs=OWN.latency_runs, command=list(argv))
+                                latency_runs=OWN.latency_runs, command=list(argv),
+                                pool=pool_plan(OWN.workers, OWN.local_workers))
         comparison.check_output_dir()  # before anything is written there
         os.makedirs(settings["output_dir"], exist_ok=True)
         cli.setup_logging("bonsai_tf.compare",
@@ -672,6 +775,9 @@ def main(argv, launcher=subprocess_launcher, started=None):
     except (UsageError, runner.UsageError, config_lib.ConfigError, genotype_lib.GenotypeError,
             rd.RunDirError) as e:
         return cli.error(e)
+    except trial_queue.QueueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     failed = [n for n, r in state["runs"].items() if r.get("status") != "done"]
     if failed:
         print(f"error: {len(failed)} sub-run(s) did not finish ({', '.join(sorted(failed))}); "

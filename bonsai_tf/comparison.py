@@ -25,7 +25,18 @@ def retrain_count(n_strategies, n_seeds):
     return 2 * n_strategies * n_seeds + 2
 
 
-def split_budget(total_seconds, n_strategies, n_seeds, search_share=0.4):
+def makespan(seconds, workers=1):
+    """When the last of jobs lasting `seconds` ends if `workers` run them, longest first,
+    each taking the next job as it comes free (as the trial queue hands them out)."""
+    if workers < 1:
+        raise ValueError(f"workers = {workers}; expected >= 1")
+    loads = [0.0] * workers
+    for t in sorted((float(t) for t in seconds), reverse=True):
+        loads[loads.index(min(loads))] += t
+    return max(loads)
+
+
+def split_budget(total_seconds, n_strategies, n_seeds, search_share=0.4, workers=1):
     """Splits the whole comparison's wall-clock up front; returns a JSON dict.
 
     A reserve is kept for the comparison's own work. Of the rest, `search_share`
@@ -34,6 +45,9 @@ def split_budget(total_seconds, n_strategies, n_seeds, search_share=0.4):
     (n_seeds search shares), so the tuner and each strategy cost the same. The
     remainder is for the retrainings, whose epochs are planned from measured
     speeds once the search side is done (plan_epochs).
+
+    With `workers` sub-runs at once, a share is as long as lets the search side's
+    schedule (the tuner first, then the searches) end within its part of the wall-clock.
     """
     if not total_seconds > 0:
         raise ValueError(f"total_seconds = {total_seconds}; expected > 0")
@@ -44,15 +58,21 @@ def split_budget(total_seconds, n_strategies, n_seeds, search_share=0.4):
     reserve = min(0.25 * total_seconds, max(RESERVE_MIN_SECONDS, RESERVE_FRACTION * total_seconds))
     usable = total_seconds - reserve
     search_side = search_share * usable
+    if workers < 1:
+        raise ValueError(f"workers = {workers}; expected >= 1")
     shares = (n_strategies + 1) * n_seeds
-    each = search_side / shares
+    # In shares: the tuner's n_seeds, then every search's one, as the queue hands them out.
+    span = makespan([n_seeds] + [1] * (n_strategies * n_seeds), workers)
+    each = search_side / span
     retrain = usable - search_side
     why = [f"{total_seconds:.0f} s in all: {reserve:.0f} s kept for timing the int8 models, "
            f"the report and the gaps between sub-runs",
            f"{search_share:.0%} of the remaining {usable:.0f} s to the search side: "
            f"{n_strategies} {'strategy' if n_strategies == 1 else 'strategies'} x "
            f"{_n(n_seeds, 'seed')} search runs and the KerasTuner run, which gets as much as "
-           f"one strategy's {_n(n_seeds, 'search')} together, so {shares} shares of {each:.0f} s",
+           f"one strategy's {_n(n_seeds, 'search')} together, so {shares} shares of {each:.0f} s"
+           + (f", {workers} at once (the schedule ends after {_n(round(span), 'share')})"
+              if workers > 1 else ""),
            f"the other {retrain:.0f} s to the {retrain_count(n_strategies, n_seeds)} "
            f"retrainings, whose epochs are planned from the search runs' measured speed"]
     if each < SHORT_SEARCH_SECONDS:
@@ -62,7 +82,7 @@ def split_budget(total_seconds, n_strategies, n_seeds, search_share=0.4):
             "search_share": search_share, "search_run_seconds": each,
             "search_runs": n_strategies * n_seeds, "tuner_seconds": n_seeds * each,
             "retrain_seconds": retrain, "retrain_runs": retrain_count(n_strategies, n_seeds),
-            "why": why}
+            "workers": workers, "why": why}
 
 
 # ---- planning the retraining epochs ------------------------------------------------------------
@@ -110,29 +130,44 @@ def export_seconds(step_seconds, batch_size, n_test, n_val):
     return EXPORT_BASE_SECONDS + (4 * n_test + 2 * n_val) * step_seconds / (3.0 * batch_size)
 
 
-def plan_epochs(seconds_left, runs, safety=SAFETY):
+def plan_epochs(seconds_left, runs, safety=SAFETY, workers=1):
     """The one epoch count E for every retraining, so that all of them fit.
 
     runs: [{"name", "epoch_seconds", "overhead_seconds"}], the estimated seconds of
     one epoch and of everything else (start-up, test evaluation, export) of each.
-    E = floor((seconds_left / safety - sum overhead) / sum epoch_seconds), at
-    least 1. Returns {"epochs", "why", ...}.
+    E is the largest count, at least 1, whose schedule on `workers` at once
+    (makespan) fits seconds_left / safety; with one worker that is
+    floor((seconds_left / safety - sum overhead) / sum epoch_seconds).
+    Returns {"epochs", "why", ...}.
     """
     if not runs:
         raise ValueError("no retraining to plan; expected at least one")
     fixed = sum(float(r["overhead_seconds"]) for r in runs)
     per_epoch = sum(float(r["epoch_seconds"]) for r in runs)
-    available = seconds_left / safety - fixed
-    epochs = max(1, int(available // per_epoch)) if per_epoch > 0 else 1
-    why = (f"{seconds_left:.0f} s left for {len(runs)} retrainings; with a {safety:g}x margin "
-           f"{seconds_left / safety:.0f} s, of which {fixed:.0f} s go to start-up, test "
-           f"evaluation and export; one epoch of all of them takes {per_epoch:.0f} s -> "
+    limit = seconds_left / safety
+
+    def span(e):
+        return makespan([float(r["overhead_seconds"]) + e * float(r["epoch_seconds"])
+                         for r in runs], workers)
+    epochs = 1
+    if per_epoch > 0:
+        # The one-worker count bounds it (a schedule never beats the total / workers).
+        hi = max(1, int((workers * limit - fixed) // per_epoch) + 1)
+        lo = 1
+        while lo < hi:   # the largest e with span(e) <= limit; span grows with e
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if span(mid) <= limit else (lo, mid - 1)
+        epochs = lo
+    at_once = f", {workers} at once," if workers > 1 else ""
+    why = (f"{seconds_left:.0f} s left for {len(runs)} retrainings{at_once}; with a {safety:g}x "
+           f"margin {limit:.0f} s; they take {fixed:.0f} s of start-up, test evaluation and "
+           f"export and {per_epoch:.0f} s per epoch of all of them -> "
            f"{epochs} epoch{'s' if epochs != 1 else ''}")
-    if available < per_epoch:
+    if span(1) > limit:
         why += " (less than one epoch fits: the budget will be overrun)"
     return {"epochs": epochs, "seconds_left": seconds_left, "safety": safety,
-            "overhead_seconds": fixed, "epoch_seconds_all_runs": per_epoch,
-            "expected_seconds": fixed + epochs * per_epoch, "runs": runs, "why": why}
+            "workers": workers, "overhead_seconds": fixed, "epoch_seconds_all_runs": per_epoch,
+            "expected_seconds": span(epochs), "runs": runs, "why": why}
 
 
 # ---- the plain CNN ---------------------------------------------------------------------------

@@ -7,7 +7,6 @@ writes what each entry script would (no TensorFlow, a second each); the end-to-e
 test, marked slow, runs the real scripts on generated 12x12 images.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -21,19 +20,11 @@ from bonsai_tf import comparison as cmp
 from bonsai_tf import genotype as G
 from bonsai_tf import memory as M
 from bonsai_tf import run_dir as rd
+import fake_subrun
+from compare_fixtures import COMPARE, RUNS, compare_argv, flagfile, load_compare  # noqa: F401
 from helpers import make_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMPARE = os.path.join(ROOT, "bench", "compare.py")
-
-
-def load_compare():
-    if "compare_script" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("compare_script", COMPARE)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["compare_script"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["compare_script"]
 
 
 # ---- the budget split ---------------------------------------------------------------------
@@ -269,16 +260,6 @@ def test_tuner_writes_the_best_genotype_and_resumes_its_project(tiny_splits, tmp
 
 
 # ---- the orchestration, with a stand-in for the entry scripts ----------------------------------
-def small_genotype(patterns=1, scale=4):
-    return G.initial("small", (12, 12, 1), 3, scale, 1, [["n"], ["r"]], patterns).canonical()
-
-
-# The stand-in's test accuracies: bonsai's found networks clearly beat their random
-# baselines; asap's do not (within the seed spread).
-ACCURACY = {("bonsai", "fixed"): 0.90, ("bonsai", "random"): 0.80,
-            ("asap", "fixed"): 0.85, ("asap", "random"): 0.85}
-
-
 class FakeScripts:
     """Launcher that writes what search.py / tune.py / train.py would, instantly."""
 
@@ -291,8 +272,7 @@ class FakeScripts:
         return [os.path.basename(c["output_dir"]) for c in self.calls]
 
     def __call__(self, script, args, log_path):
-        a = dict(arg[2:].split("=", 1) for arg in args if arg.startswith("--") and "=" in arg)
-        a["script"], a["args"] = os.path.basename(script), list(args)
+        a = fake_subrun.parse(script, args)
         self.calls.append(a)
         out = a["output_dir"]
         name = os.path.basename(out)
@@ -302,56 +282,10 @@ class FakeScripts:
             raise KeyboardInterrupt
         if name in self.fail:
             return self.fail[name]
-        seed = int(a.get("seed", 0))
-        if a["script"] == "search.py":
-            g = small_genotype(patterns=1 + seed % 2)
-            rd.atomic_write(os.path.join(out, "genotype.json"), g.to_json())
-            rd.write_metrics(os.path.join(out, "metrics.jsonl"), [
-                {"phase": "search", "step_seconds": 0.05, "steps": 4, "epoch_seconds": 0.5,
-                 "events": []},
-                {"phase": "final", "step_seconds": 0.01, "steps": 4, "epoch_seconds": 0.1,
-                 "events": ["final network: search finished"]},
-                {"phase": "final", "step_seconds": 0.01, "steps": 4, "epoch_seconds": 0.1,
-                 "events": []}])
-            rd.write_json(os.path.join(out, "metrics.json"), {
-                "test_accuracy": 0.5, "params": M.estimate(g, 1)["params"],
-                "flops": M.estimate(g, 1)["flops"], "total_seconds": 0.7})
-        elif a["script"] == "tune.py":
-            g = small_genotype(patterns=2)
-            rd.atomic_write(os.path.join(out, "genotype.json"), g.to_json())
-            rd.write_json(os.path.join(out, "metrics.json"), {
-                "train_examples": 96, "val_examples": 20, "test_examples": 24,
-                "params_estimate": M.estimate(g, 1)["params"], "best_val_accuracy": 0.7})
-        else:
-            g = G.Genotype.load(a["genotype"])
-            strategy = name.split("-")[1]
-            acc = ACCURACY.get((strategy, a["strategy"]), 0.75) + 0.01 * seed
-            rd.write_json(os.path.join(out, "metrics.json"), {
-                "test_accuracy": acc, "params": M.estimate(g, 1)["params"],
-                "flops": M.estimate(g, 1)["flops"], "memory_mb": M.estimate(g, 16)["mb"],
-                "memory_measured_mb": 3.0, "epochs": int(a["epochs"]), "total_seconds": 0.1})
-            rd.write_json(os.path.join(out, "export.json"), {})
+        fake_subrun.write(a)
         return 0, None
 
 
-@pytest.fixture
-def flagfile(tmp_path):
-    path = tmp_path / "tiny.flags"
-    path.write_text("--dataset=folder:/nowhere\n--space=small\n--scale=4\n--nodes=1\n"
-                    "--patterns=[[\"n\"],[\"r\"]]\n--batch_size=16\n--val_size=20\n"
-                    "--time_budget_minutes=20\n--output_dir=runs/ignored\n")
-    return str(path)
-
-
-def compare_argv(flagfile, out, *extra):
-    return ["compare.py", f"--flagfile={flagfile}", "--strategies=bonsai,asap", "--seeds=2",
-            "--minutes=30", f"--output_dir={out}", "--final_subset=64", *extra]
-
-
-RUNS = ["search-bonsai-s0", "search-asap-s0", "search-bonsai-s1", "search-asap-s1", "tuner",
-        "retrain-bonsai-s0", "random-bonsai-s0", "retrain-asap-s0", "random-asap-s0",
-        "retrain-bonsai-s1", "random-bonsai-s1", "retrain-asap-s1", "random-asap-s1",
-        "retrain-tuner", "retrain-cnn"]
 METHODS = ["bonsai (found)", "random (matched to bonsai)", "asap (found)",
            "random (matched to asap)", "keras-tuner best", "plain CNN"]
 
