@@ -10,6 +10,9 @@ pair of operations per edge, one active): its memory is that of one sampled netw
 --mixed_precision=none,mixed_bfloat16,mixed_float16 times each precision policy.
 --devices=1,2 times the step on one device and mirrored over 2 logical CPU devices (the
 CPU split at start, as --distribute=mirrored does) at the same global batch.
+--workers=1,2 times it in one process and in 2 local processes under
+--distribute=multi_worker (TF_CONFIG on 127.0.0.1 ports, each process given its share of
+the cores as threads), at the same global batch; the chief's figures are written.
 The reference point is the original PyTorch BonsaiNet (batch 64, 32x32x3, scale 16,
 3 cells, all 7 operations): 11 to 16.4 s per step on 2-core machines of this kind
 (../shared/BENCHMARKS.md). Compare on one machine: the output carries its calibration.
@@ -42,6 +45,8 @@ flags.DEFINE_list("strategies", ["bonsai"], "Strategies whose training step to t
                   "supernet (bonsai: every operation runs; proxyless: a sampled path).")
 flags.DEFINE_list("devices", ["1"], "Replicas to time: 1 (one device) or N (--distribute="
                   "mirrored over N logical CPU devices), at the same global batch.")
+flags.DEFINE_list("workers", ["1"], "Processes to time: 1, or N local worker processes under "
+                  "--distribute=multi_worker, at the same global batch.")
 flags.DEFINE_integer("steps", 5, "Timed steps per configuration (after 2 warm-up steps).")
 flags.DEFINE_bool("jit_compile", False, "Compile the step with XLA.")
 flags.DEFINE_enum("graph_optimizer", "auto", ["auto", "on", "off"],
@@ -52,7 +57,7 @@ FLAGS = flags.FLAGS
 
 def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps, jit,
                 graph_optimizer="auto", strategy="bonsai", mixed_precision="none", stem_stride=1,
-                devices=1):
+                devices=1, workers=1):
     import numpy as np
     import tensorflow as tf
     from bonsai_tf import config as config_lib
@@ -62,6 +67,7 @@ def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps
     from bonsai_tf import machine
     from bonsai_tf import memory as memory_lib
 
+    shape = tuple(shape)
     h, w, c = shape
     info = data_lib.DatasetInfo(name="bench", image_shape=shape, num_classes=10,
                                 class_names=tuple(str(i) for i in range(10)), mean=(128.0,) * c,
@@ -76,7 +82,8 @@ def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps
                                graph_optimizer=graph_optimizer, strategy=strategy, val_size=1,
                                proxyless_warmup_epochs=0, mixed_precision=mixed_precision,
                                stem_stride=stem_stride,
-                               distribute="mirrored" if devices > 1 else "none",
+                               distribute=("multi_worker" if workers > 1 else
+                                           "mirrored" if devices > 1 else "none"),
                                devices=devices if devices > 1 else 0)
     run = engine.Run(cfg, splits, "/tmp/bench_step_unused", verbose=0)
     g = genotype_lib.initial(space, shape, 10, scale, nodes, pattern_spec, 1,
@@ -89,7 +96,8 @@ def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps
     run._set_lrs(0)
     xb, yb = tf.constant(x, tf.float32), tf.constant(y, tf.int64)
     if run.distributed:   # one global batch, split over the replicas once
-        xb, yb = next(iter(run._distributed(tf.data.Dataset.from_tensors((xb, yb)))))
+        # (repeated: under multi_worker each worker takes its share of the batches)
+        xb, yb = next(iter(run._distributed(tf.data.Dataset.from_tensors((xb, yb)).repeat())))
     inputs = {k: tf.constant(v, tf.float32) for k, v in run.strategy.step_inputs(run.net).items()}
     # The first step traces and optimises the graph: what a search pays again after
     # every structural change.
@@ -106,7 +114,7 @@ def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps
         lambda: run.train_step(xb, yb, inputs)["loss"].numpy())
     step = float(np.median(times))
     return {"strategy": strategy, "mixed_precision": mixed_precision, "scale": scale,
-            "devices": devices,
+            "devices": devices, "workers": workers,
             "stem_stride": stem_stride,
             "patterns": patterns, "shape": list(shape), "nodes": nodes,
             "space": space, "cells": len(g.cells), "operations": g.num_ops(), "batch": batch,
@@ -118,6 +126,55 @@ def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps
             "memory_measured_mb": measured.mb, "memory_measured_source": measured.source}
 
 
+WORKER_ENV = "BONSAI_TF_BENCH_STEP_WORKER"   # a worker process's job (JSON), set by main
+
+
+def _free_ports(n):
+    import socket
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def time_workers(workers, args):
+    """time_config(*args) in `workers` local processes under multi_worker; the chief's result."""
+    import subprocess
+    import tempfile
+    from bonsai_tf import machine
+    ports = _free_ports(workers)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    threads = max(1, machine.usable_cpus() // workers)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "chief.json")
+        procs = []
+        for i in range(workers):
+            env = dict(os.environ, TF_CONFIG=json.dumps(
+                {"cluster": cluster, "task": {"type": "worker", "index": i}}),
+                **{WORKER_ENV: json.dumps({"args": args, "threads": threads,
+                                           "out": out if i == 0 else ""})})
+            procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=env))
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            raise RuntimeError(f"worker processes exited with {codes}; expected 0 each")
+        with open(out) as f:
+            return json.load(f)
+
+
+def _worker():
+    job = json.loads(os.environ[WORKER_ENV])
+    from bonsai_tf import machine
+    machine.configure_threads(job["threads"], 1)
+    r = time_config(*job["args"])
+    r["threads_per_worker"] = job["threads"]
+    if job["out"]:
+        with open(job["out"], "w") as f:
+            json.dump(r, f)
+
+
 def main(argv):
     del argv
     import json as _json
@@ -125,6 +182,7 @@ def main(argv):
     import calibrate
     from bonsai_tf import machine
     machine.configure_threads()
+    workers = [int(w) for w in FLAGS.workers]
     devices = [int(d) for d in FLAGS.devices]
     if max(devices) > 1:
         from bonsai_tf import distribute
@@ -133,14 +191,17 @@ def main(argv):
     for shape in FLAGS.shapes:
         shape = tuple(int(v) for v in shape.split("x"))
         for scale in FLAGS.scales:
-            for n, strategy, mp, d in [(n, s, m, d) for n in FLAGS.patterns
-                                       for s in FLAGS.strategies for m in FLAGS.mixed_precision
-                                       for d in devices]:
-                r = time_config(int(scale), int(n), shape, FLAGS.nodes, FLAGS.space,
-                                _json.loads(FLAGS.pattern_spec), FLAGS.batch, FLAGS.steps,
-                                FLAGS.jit_compile, FLAGS.graph_optimizer, strategy, mp,
-                                FLAGS.stem_stride, d)
-                print(f"{strategy:>9} {mp:>14} x{d} {'x'.join(map(str, shape)):>8} scale {r['scale']:>3} patterns {n} cells "
+            for n, strategy, mp, d, w in [(n, s, m, d, w) for n in FLAGS.patterns
+                                          for s in FLAGS.strategies
+                                          for m in FLAGS.mixed_precision
+                                          for d in devices for w in workers
+                                          if d == 1 or w == 1]:
+                args = [int(scale), int(n), list(shape), FLAGS.nodes, FLAGS.space,
+                        _json.loads(FLAGS.pattern_spec), FLAGS.batch, FLAGS.steps,
+                        FLAGS.jit_compile, FLAGS.graph_optimizer, strategy, mp,
+                        FLAGS.stem_stride, d, w]
+                r = time_workers(w, args) if w > 1 else time_config(*args)
+                print(f"{strategy:>9} {mp:>14} x{d} w{w} {'x'.join(map(str, shape)):>8} scale {r['scale']:>3} patterns {n} cells "
                       f"{r['cells']} ops {r['operations']:>4}: {r['seconds_per_step']:.3f} s/step, "
                       f"{r['images_per_second']:.0f} img/s, first step {r['first_step_seconds']:.1f} s, memory est {r['memory_estimate_mb']:.0f} MB "
                       f"measured {r['memory_measured_mb'] or float('nan'):.0f} MB", flush=True)
@@ -153,4 +214,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    if os.environ.get(WORKER_ENV):
+        _worker()
+    else:
+        app.run(main)

@@ -38,6 +38,11 @@ RESERVE_MIN_SECONDS = 45.0
 FINISH_BASE_SECONDS = 40.0
 FINISH_TEST_PASSES = 6
 FINISH_VAL_PASSES = 3
+# Without an export (compare.py's searches: --noexport) the finish is the test evaluation,
+# the saved model and the report: a search run of compare.py's measured 27 s for it,
+# against the 159 s priced with an export, and ended 97 s of its 233 s early.
+NO_EXPORT_RESERVE_MIN_SECONDS = 20.0
+NO_EXPORT_FINISH_BASE_SECONDS = 15.0
 
 
 @dataclasses.dataclass
@@ -68,6 +73,7 @@ class Plan:
     search_fraction: float
     reserve_seconds: float
     startup_seconds: float
+    exports: bool = True      # whether the finish includes the export (priced by its passes)
     phases: dict = dataclasses.field(default_factory=dict)   # phase -> PhasePlan
     log: list = dataclasses.field(default_factory=list)      # what was decided, when, why
 
@@ -146,14 +152,18 @@ class Plan:
 
     def reserve_for_finish(self, epoch, seconds_per_example, n_test, n_val):
         """Raises the reserve to what the finish is expected to take at the measured speed."""
-        need = FINISH_BASE_SECONDS + seconds_per_example * (
-            FINISH_TEST_PASSES * n_test + FINISH_VAL_PASSES * n_val)
+        if self.exports:
+            need = FINISH_BASE_SECONDS + seconds_per_example * (
+                FINISH_TEST_PASSES * n_test + FINISH_VAL_PASSES * n_val)
+        else:
+            need = NO_EXPORT_FINISH_BASE_SECONDS + seconds_per_example * n_test
         if need <= self.reserve_seconds:
             return False
         self.log.append({"epoch": epoch, "phase": "finish", "reserve_seconds": round(need, 1),
                          "was": round(self.reserve_seconds, 1),
                          "why": f"evaluation runs at {1000 * seconds_per_example:.2f} ms an "
-                                f"image: the test evaluation and export need about {need:.0f} s"})
+                                f"image: the test evaluation{' and export' if self.exports else ''} "
+                                f"need{'' if self.exports else 's'} about {need:.0f} s"})
         self.reserve_seconds = need
         return True
 
@@ -170,8 +180,11 @@ class Plan:
         return cls(**d)
 
 
-def new_plan(budget_seconds, search_fraction, startup_seconds, searches=True):
-    reserve = max(RESERVE_MIN_SECONDS, RESERVE_FRACTION * budget_seconds)
+def new_plan(budget_seconds, search_fraction, startup_seconds, searches=True, exports=True):
+    """exports: whether the run exports after its test evaluation (its finish is longer)."""
+    floor = RESERVE_MIN_SECONDS if exports else NO_EXPORT_RESERVE_MIN_SECONDS
+    reserve = max(floor, RESERVE_FRACTION * budget_seconds)
     return Plan(budget_seconds=float(budget_seconds),
                 search_fraction=float(search_fraction if searches else 0.0),
-                reserve_seconds=float(reserve), startup_seconds=float(startup_seconds))
+                reserve_seconds=float(reserve), startup_seconds=float(startup_seconds),
+                exports=bool(exports))

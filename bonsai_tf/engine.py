@@ -95,10 +95,13 @@ class Run:
     """Runs `config` (RunConfig) on `splits` (data.Splits) in `run_dir`.
 
     started: time.time() when the command started (the time budget counts from it).
+    exports: whether an export follows (the budget keeps time for it).
     """
 
-    def __init__(self, config, splits, run_dir, verbose=1, started=None, distribution=None):
+    def __init__(self, config, splits, run_dir, verbose=1, started=None, distribution=None,
+                 exports=True):
         self.cfg, self.splits, self.run_dir, self.verbose = config, splits, run_dir, verbose
+        self.exports = exports   # an export follows the run: the budget keeps time for it
         # tf.distribute: every variable is made in its scope (network, optimizer slots,
         # strategy state), every step runs in its replicas (`_compile`).
         self.dist = (distribution if distribution is not None else
@@ -364,7 +367,8 @@ class Run:
         if self.budgeted and self.plan is None:
             self.plan = budget_lib.new_plan(cfg.time_budget_minutes * 60.0, cfg.search_fraction,
                                             self._agree(self._elapsed()),
-                                            searches=self.state.phase == "search")
+                                            searches=self.state.phase == "search",
+                                            exports=self.exports)
             self._write_plan()
         self.records = rd.read_metrics(os.path.join(self.run_dir, "metrics.jsonl"))[:self.state.epoch]
         self._writer = tf.summary.create_file_writer(os.path.join(self.run_dir, "tensorboard"))

@@ -35,8 +35,14 @@ def test_bench_step_times_a_tiny_supernet_and_writes_its_figures(tmp_path):
     assert result["machine"]["usable_cpus"] >= 1
 
 
-def test_bench_step_times_a_mirrored_step_on_two_logical_devices(tmp_path):
-    one, two = _bench_step(tmp_path, "--devices=1,2")["results"]
-    assert [one["devices"], two["devices"]] == [1, 2]
-    assert one["operations"] == two["operations"] and two["seconds_per_step"] > 0
-    assert two["images_per_second"] == two["batch"] / two["seconds_per_step"]
+def test_bench_step_times_two_devices_and_two_worker_processes(tmp_path):
+    # One process; 2 logical devices mirrored; 2 local processes under multi_worker (the
+    # chief's figures, each worker on its share of the cores). Never both at once.
+    one, workers, devices = _bench_step(tmp_path, "--devices=1,2", "--workers=1,2")["results"]
+    assert [(r["devices"], r["workers"]) for r in (one, workers, devices)] == \
+        [(1, 1), (1, 2), (2, 1)]
+    for r in (workers, devices):
+        assert r["operations"] == one["operations"] and r["seconds_per_step"] > 0
+        assert r["images_per_second"] == r["batch"] / r["seconds_per_step"] == \
+            one["batch"] / r["seconds_per_step"]   # the same global batch
+    assert workers["threads_per_worker"] >= 1

@@ -95,6 +95,26 @@ def test_the_finish_reserve_grows_with_a_slow_evaluation():
     assert plan.reserve_seconds > before and "3.40 ms" in plan.log[-1]["why"]
 
 
+def test_a_run_without_export_keeps_only_the_test_evaluations_time():
+    # 1.5 ms an image, 10,000 test and 6,000 validation images (what a compare.py search
+    # run measured): with the export 40 + 1.5e-3 * (6 x 10,000 + 3 x 6,000) = 157 s; without
+    # it the test pass and the report, 15 + 15 = 30 s, on a smaller floor to begin with.
+    with_export = budget.new_plan(233.0, 0.75, startup_seconds=10.0)
+    without = budget.new_plan(233.0, 0.75, startup_seconds=10.0, exports=False)
+    assert without.reserve_seconds == budget.NO_EXPORT_RESERVE_MIN_SECONDS < \
+        with_export.reserve_seconds == budget.RESERVE_MIN_SECONDS
+    for plan in (with_export, without):
+        assert plan.reserve_for_finish(2, 1.5e-3, 10000, 6000)
+    assert with_export.reserve_seconds == pytest.approx(157.0)
+    assert without.reserve_seconds == pytest.approx(30.0)
+    assert "test evaluation needs" in without.log[-1]["why"]
+    assert "and export" in with_export.log[-1]["why"]
+    # A plan written before the field existed reads back as one that exports.
+    old = without.to_dict()
+    del old["exports"]
+    assert budget.Plan.from_dict(old).exports is True
+
+
 def test_a_plan_survives_json():
     plan = planned()
     plan.epoch_done("final", 130.0, 843, 0.15, 1.0)

@@ -375,7 +375,7 @@ def run(cfg, output_dir, overwrite=False, export=True, verbose=1, threads=None, 
         log.info("%s run in %s (%s)", cfg.strategy, output_dir, status)
         metrics = engine.Run(cfg, splits, output_dir, started=started,
                              verbose=cli.progress_verbosity(verbose, sys.stdout),
-                             distribution=dist).run()
+                             distribution=dist, exports=export).run()
     if export:
         from bonsai_tf import export as export_lib
         with cli.dropping_stderr_lines(cli.EXPORT_NOISE):
