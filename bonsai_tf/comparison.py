@@ -158,7 +158,7 @@ def plan_epochs(seconds_left, runs, safety=SAFETY, workers=1):
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if span(mid) <= limit else (lo, mid - 1)
         epochs = lo
-    at_once = f", {workers} at once," if workers > 1 else ""
+    at_once = f" ({workers} at once)" if workers > 1 else ""
     why = (f"{seconds_left:.0f} s left for {len(runs)} retrainings{at_once}; with a {safety:g}x "
            f"margin {limit:.0f} s; they take {fixed:.0f} s of start-up, test evaluation and "
            f"export and {per_epoch:.0f} s per epoch of all of them -> "
