@@ -129,33 +129,21 @@ def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps
 WORKER_ENV = "BONSAI_TF_BENCH_STEP_WORKER"   # a worker process's job (JSON), set by main
 
 
-def _free_ports(n):
-    import socket
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def time_workers(workers, args):
     """time_config(*args) in `workers` local processes under multi_worker; the chief's result."""
     import subprocess
     import tempfile
+    from bonsai_tf import distribute
     from bonsai_tf import machine
-    ports = _free_ports(workers)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    tf_configs = distribute.local_tf_configs(workers)
     threads = max(1, machine.usable_cpus() // workers)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "chief.json")
         procs = []
         for i in range(workers):
-            env = dict(os.environ, TF_CONFIG=json.dumps(
-                {"cluster": cluster, "task": {"type": "worker", "index": i}}),
-                **{WORKER_ENV: json.dumps({"args": args, "threads": threads,
-                                           "out": out if i == 0 else ""})})
+            env = dict(os.environ, TF_CONFIG=tf_configs[i],
+                       **{WORKER_ENV: json.dumps({"args": args, "threads": threads,
+                                                  "out": out if i == 0 else ""})})
             procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=env))
         codes = [p.wait() for p in procs]
         if any(codes):

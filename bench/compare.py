@@ -269,10 +269,6 @@ def pool_plan(workers, local_workers, environ=os.environ):
 
 
 # ---- running sub-runs -------------------------------------------------------------------------
-subprocess_launcher = trial_queue.subprocess_launcher
-_last_error = trial_queue.last_error
-
-
 class Comparison:
     """Runs (or continues) the comparison `settings` describes; see the module doc.
 
@@ -280,7 +276,8 @@ class Comparison:
     started: time.time() when the command began.
     """
 
-    def __init__(self, settings, launcher=subprocess_launcher, started=None, latency_runs=50,
+    def __init__(self, settings, launcher=trial_queue.subprocess_launcher, started=None,
+                 latency_runs=50,
                  command=None, pool=None):
         self.settings, self.launcher = settings, launcher
         self.started = time.time() if started is None else started
@@ -443,7 +440,8 @@ class Comparison:
                 entry["invocations"] += 1
                 entry["worker"] = r["tuner"]
                 error = None if r["exit"] == 0 else (
-                    _last_error(self._path("logs", f"{name}.log")) or r.get("message"))
+                    trial_queue.last_error(self._path("logs", f"{name}.log"))
+                    or r.get("message"))
                 self._outcome(name, done, r["exit"], error, r["seconds"])
 
     def _pool(self):
@@ -472,9 +470,9 @@ class Comparison:
             self.pool = None
 
     def _skip(self, name, why):
-        entry = self.state["runs"].setdefault(name, {"wall_seconds": 0.0, "invocations": 0})
+        entry = self._entry(name)
         if entry.get("status") != "done":
-            entry.update(status="skipped", error=why, dir=name)
+            entry.update(status="skipped", error=why)
 
     # ---- the steps ------------------------------------------------------------------------------
     def pairs(self):
@@ -755,7 +753,7 @@ def _help(kind):
     return 0
 
 
-def main(argv, launcher=subprocess_launcher, started=None):
+def main(argv, launcher=trial_queue.subprocess_launcher, started=None):
     """Runs the comparison; returns the exit status (0, 1: a sub-run failed, 2: bad input)."""
     try:
         settings, help_kind = parse(argv)

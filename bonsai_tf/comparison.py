@@ -58,8 +58,6 @@ def split_budget(total_seconds, n_strategies, n_seeds, search_share=0.4, workers
     reserve = min(0.25 * total_seconds, max(RESERVE_MIN_SECONDS, RESERVE_FRACTION * total_seconds))
     usable = total_seconds - reserve
     search_side = search_share * usable
-    if workers < 1:
-        raise ValueError(f"workers = {workers}; expected >= 1")
     shares = (n_strategies + 1) * n_seeds
     # In shares: the tuner's n_seeds, then every search's one, as the queue hands them out.
     span = makespan([n_seeds] + [1] * (n_strategies * n_seeds), workers)

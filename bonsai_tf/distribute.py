@@ -111,6 +111,23 @@ def worker_config(environ=None):
     return cluster, task
 
 
+def local_tf_configs(n):
+    """TF_CONFIG values (JSON) for the n workers of a cluster on this machine's free
+    127.0.0.1 ports, in task order: how the tests and bench_step start local workers."""
+    import socket
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        ports = [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    return [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+            for i in range(n)]
+
+
 def make(kind, devices=0):
     """The tf.distribute.Strategy of `kind` (KINDS). `devices`: logical CPU devices for
     `mirrored` on a machine without GPUs (0: DEFAULT_CPU_DEVICES); with GPUs, 0 means

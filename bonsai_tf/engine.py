@@ -102,6 +102,7 @@ class Run:
                  exports=True):
         self.cfg, self.splits, self.run_dir, self.verbose = config, splits, run_dir, verbose
         self.exports = exports   # an export follows the run: the budget keeps time for it
+        self._largest_fn = None  # `_largest`, traced on first use
         # tf.distribute: every variable is made in its scope (network, optimizer slots,
         # strategy state), every step runs in its replicas (`_compile`).
         self.dist = (distribution if distribution is not None else
@@ -500,7 +501,7 @@ class Run:
 
     def _largest(self, tensor):
         """distribute_lib.largest over the workers, traced once per Run (not per call)."""
-        if getattr(self, "_largest_fn", None) is None:
+        if self._largest_fn is None:
             self._largest_fn = tf.function(functools.partial(distribute_lib.largest, self.dist),
                                            autograph=False)
         return self._largest_fn(tensor)

@@ -81,7 +81,7 @@ def make_oracle():
             self.verbose = 0      # KerasTuner's trial tables would print the specs
             self.lock = threading.Condition()
             self.pending = []     # specs not handed out yet, in order
-            self.running = {}     # job name -> (tuner id, trial id, start time)
+            self.running = {}     # job name -> (tuner id, start time)
             self.results = {}     # job name -> {"exit", "seconds", "tuner"}
             self.finished = False
 
@@ -129,8 +129,7 @@ def make_oracle():
             trial = super().create_trial(tuner_id)
             if trial.status == trial_module.TrialStatus.RUNNING:
                 with self.lock:
-                    self.running[trial.hyperparameters.values["job"]] = (
-                        tuner_id, trial.trial_id, time.time())
+                    self.running[trial.hyperparameters.values["job"]] = (tuner_id, time.time())
             return trial
 
         def end_trial(self, trial):
@@ -143,10 +142,10 @@ def make_oracle():
             seconds = (float(metrics.get_last_value("seconds")) if metrics.exists("seconds")
                        else None)
             with self.lock:
-                started = self.running.pop(name, (None, None, time.time()))
+                tuner_id, started = self.running.pop(name, (None, time.time()))
                 self.results[name] = {
-                    "exit": exit_code, "tuner": started[0],
-                    "seconds": seconds if seconds is not None else time.time() - started[2],
+                    "exit": exit_code, "tuner": tuner_id,
+                    "seconds": seconds if seconds is not None else time.time() - started,
                     "message": kept.message}
                 self.lock.notify_all()
 
@@ -183,7 +182,7 @@ def serve(oracle, ip, port):
         bound = 0
     if not bound:
         raise QueueError(f"cannot serve the trial queue at {ip}:{port}; expected a free port "
-                      f"on an address of this machine")
+                         f"on an address of this machine")
     server.start()
     return server, bound
 

@@ -4,29 +4,18 @@ global batch in halves, each half batch-normalised by itself: tests/test_distrib
 only the chief writes the run directory; a worker killed mid-epoch ends the run with the
 last checkpoint intact, and the same two commands resume it to the same result."""
 
-import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from bonsai_tf import distribute
 from bonsai_tf import genotype as G
 from bonsai_tf import run_dir as rd
 from test_resume import ROOT, SEARCH, data, records, run, search_flags, tail  # noqa: F401
 
 pytestmark = pytest.mark.slow
-
-
-def _ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _flags(data, out, **over):
@@ -36,14 +25,11 @@ def _flags(data, out, **over):
 
 def _cluster(args, faults=(None, None), timeout_s="30"):
     """Runs `args` as both workers of a 2-worker cluster; returns both processes."""
-    ports = _ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    tf_configs = distribute.local_tf_configs(2)
     procs = []
     for index in range(2):
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
-                   TF_CONFIG=json.dumps({"cluster": cluster,
-                                         "task": {"type": "worker", "index": index}}))
-        env[__import__("bonsai_tf.distribute", fromlist=["x"]).TIMEOUT_ENV] = timeout_s
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_CONFIG=tf_configs[index])
+        env[distribute.TIMEOUT_ENV] = timeout_s
         env.pop(rd.FAULT_ENV, None)
         if faults[index]:
             env[rd.FAULT_ENV] = faults[index]
