@@ -112,6 +112,8 @@ class RunConfig:
     lambda_input: float = 0.01
     prune_interval: int = 4
     cycle_len: int = 8
+    settle_epochs: int = 0         # end the search this many epochs after its last change
+                                   # at the pattern cap (0 = search for all its epochs)
     memory_budget_mb: float = 0.0  # 0 = no growth beyond the initial network
     # bi-level strategies (ASAP): the architecture's optimizer
     arch_lr: float = 3e-4
@@ -172,7 +174,7 @@ class RunConfig:
                 raise ConfigError(f"{name} = {getattr(self, name)!r}; expected {expected}")
         ints = ("train_subset", "final_subset", "scale", "nodes", "stem_stride", "max_patterns",
                 "reduction_target", "epochs", "search_epochs", "batch_size", "prune_interval",
-                "cycle_len", "seed", "steps_per_epoch", "bayes_hessian_batches",
+                "cycle_len", "settle_epochs", "seed", "steps_per_epoch", "bayes_hessian_batches",
                 "bayes_warmup_epochs", "proxyless_warmup_epochs", "reductions", "round_epochs",
                 "spider_rounds", "spider_candidates", "spider_ntk_batch", "spider_regions_batch",
                 "devices")
@@ -226,6 +228,7 @@ class RunConfig:
         check(self.lambda_input >= 0, "lambda_input", ">= 0")
         check(self.prune_interval >= 1, "prune_interval", ">= 1")
         check(self.cycle_len >= 1, "cycle_len", ">= 1")
+        check(self.settle_epochs >= 0, "settle_epochs", ">= 0 (0 = search for all its epochs)")
         check(self.memory_budget_mb >= 0, "memory_budget_mb", ">= 0 (0 = no growth)")
         check(self.arch_lr > 0, "arch_lr", "> 0")
         check(self.asap_tau0 > 0, "asap_tau0", "> 0")

@@ -144,6 +144,7 @@ FLAG_CASES = [
     (["--lambda_input=-2"], ["lambda_input = -2.0", ">= 0"]),
     (["--prune_interval=0"], ["prune_interval = 0", ">= 1"]),
     (["--cycle_len=0"], ["cycle_len = 0", ">= 1"]),
+    (["--settle_epochs=-1"], ["settle_epochs = -1", ">= 0"]),
     (["--memory_budget_mb=-1"], ["memory_budget_mb = -1.0", ">= 0"]),
     (["--arch_lr=0"], ["arch_lr = 0.0", "> 0"]),
     (["--asap_tau0=0"], ["asap_tau0 = 0.0", "> 0"]),

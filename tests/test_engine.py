@@ -138,3 +138,75 @@ def test_config_and_registry_name_the_same_strategies():
         strategies.register(strategies.get("bonsai"))
     with pytest.raises(ValueError, match="unknown strategy 'nope'; expected one of"):
         strategies.get("nope")
+
+
+def _end_epochs(run, first, last):
+    """Ends epochs first..last (1-based) on the strategy alone; their events."""
+    events = []
+    for epoch in range(first, last + 1):
+        events += run.strategy.after_epoch(epoch, run.net).events
+    return events
+
+
+@pytest.mark.parametrize("ratio, doubles", [(0.5, True), (1.0, False)])
+def test_pressure_doubles_only_while_the_target_is_not_reached(tiny_splits, tmp_path, ratio,
+                                                               doubles):
+    # One pattern is the cap: nothing grows. Nothing is removed yet, so the hard
+    # compression is 1.0: above a 0.5 target (not reached), at a 1.0 one (reached).
+    run = make_run(tiny_splits, tmp_path, max_patterns=1, prune_interval=100, cycle_len=1)
+    run.prepare()
+    run.strategy.ratios = {"1": ratio}
+    events = _end_epochs(run, 1, 3)
+    cycles = [e for e in events if e.startswith("compression cycle")]
+    assert run.strategy.cycles == (3 if doubles else 0), events
+    assert len(cycles) == (3 if doubles else 0)
+
+
+def test_search_settles_after_its_last_change_at_the_cap(tiny_splits, tmp_path):
+    run = make_run(tiny_splits, tmp_path, max_patterns=1, prune_interval=100, settle_epochs=2)
+    run.prepare()
+    s = run.strategy
+    s.ratios = {"1": 1.0}
+    assert not s.search_done(run.net)
+    assert not any(e.startswith("settled") for e in _end_epochs(run, 1, 1))
+    assert not s.search_done(run.net)                      # 1 epoch without change, 2 asked
+    events = _end_epochs(run, 2, 2)
+    assert s.search_done(run.net) and any(e.startswith("settled") for e in events), events
+    # a change restarts the wait; the state survives a checkpoint
+    s.last_change = 2
+    restored = type(s)(s.cfg, s.info)
+    restored.load_state(json.loads(json.dumps(s.state())))
+    assert not restored.search_done(run.net)
+    restored.after_epoch(4, run.net)
+    assert restored.search_done(run.net)
+    # not at the target yet: the search goes on however long nothing changed
+    s.ratios = {"1": 0.5}
+    assert not s.search_done(run.net)
+
+
+def test_search_not_at_the_cap_or_without_settling_does_not_settle(tiny_splits, tmp_path):
+    run = make_run(tiny_splits, tmp_path, max_patterns=2, prune_interval=100, settle_epochs=1)
+    run.prepare()
+    run.strategy.ratios = {"1": 1.0, "2": 1.0}
+    _end_epochs(run, 1, 3)
+    assert not run.strategy.search_done(run.net)          # one pattern of two: growth ahead
+    run = make_run(tiny_splits, tmp_path / "off", max_patterns=1, prune_interval=100)
+    run.prepare()
+    run.strategy.ratios = {"1": 1.0}
+    _end_epochs(run, 1, 5)
+    assert not run.strategy.search_done(run.net)          # settle_epochs=0: never
+
+
+@pytest.mark.slow
+def test_a_settled_search_gives_its_epochs_to_the_final_training(tiny_splits, tmp_path):
+    # No budget, one pattern: at the cap from the start, so the search ends once nothing
+    # has been removed for 2 epochs, long before its 8 epochs; the run still ends at 10.
+    run = make_run(tiny_splits, tmp_path, max_patterns=1, memory_budget_mb=0.0, epochs=10,
+                   search_epochs=8, settle_epochs=2, lambda_edge=0.0, lambda_input=0.0)
+    run.run()
+    records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert [r["epoch"] for r in records] == list(range(1, 11))
+    settled = [r["epoch"] for r in records if any(e.startswith("settled") for e in r["events"])]
+    assert settled and settled[0] < 8, [r["events"] for r in records]
+    assert records[settled[0] - 1]["phase"] == "final"
+    assert sum(r["phase"] == "final" for r in records) > 2

@@ -67,6 +67,10 @@ flags.DEFINE_float("lambda_edge", D.lambda_edge, "Weight of the operation compre
 flags.DEFINE_float("lambda_input", D.lambda_input, "Weight of the input compression loss.")
 flags.DEFINE_integer("prune_interval", D.prune_interval, "Epochs between deadheads.")
 flags.DEFINE_integer("cycle_len", D.cycle_len, "Epochs per compression cycle.")
+flags.DEFINE_integer("settle_epochs", D.settle_epochs,
+                     "BonsaiNet: end the search once it has grown to the pattern cap, its "
+                     "compression is at its target and nothing was removed for this many epochs; "
+                     "the time left goes to the final training. 0 = search for all its epochs.")
 flags.DEFINE_float("time_budget_minutes", D.time_budget_minutes, "Wall-clock budget of the whole "
                    "command (start-up, search, final training, export, report). The run times "
                    "its steps and plans its epochs to end within it on this machine; --epochs "

@@ -32,6 +32,8 @@ class BonsaiNet(base.Strategy):
         self.cycles = 0         # k: compression cycles so far
         self.cycle_start = 0    # epoch at which the current cycle began
         self.last_deadhead = 0
+        self.last_change = 0    # epoch of the last growth or removal
+        self.epoch = 0          # epochs ended so far (after_epoch's last)
 
     # ---- structure ---------------------------------------------------------------
     def initial_genotype(self):
@@ -77,15 +79,36 @@ class BonsaiNet(base.Strategy):
     def target(self, net):
         return self.ratios.get(str(self._patterns(net)))
 
-    def aim(self, net):
+    def compress_target(self, net):
+        """The keep ratio the compression works towards: e_c(n), or at the pattern cap
+        (nothing to grow into) the smallest one the budget plan ever asked for; None
+        without a budget."""
         target = self.target(net)
-        if target is None:
-            # At the pattern cap (or without a budget) there is nothing to grow into:
-            # compress towards the smallest keep ratio the budget plan ever asked for.
-            target = min(self.ratios.values()) if self.ratios else None
+        if target is None and self.ratios:
+            target = min(self.ratios.values())
+        return target
+
+    def aim(self, net):
+        target = self.compress_target(net)
         if target is None:
             return None
         return target * (GROW_AIM_HIGH if target > AIM_SWITCH else GROW_AIM_LOW)
+
+    def settled(self, net):
+        """Whether growth is over (at the pattern cap), the hard compression is at or
+        below its target, and no operation or input has left for `settle_epochs`
+        epochs: the architecture is found, and further search epochs would only train
+        weights on the search subset at a pressure that has nothing left to do."""
+        wait = self.cfg.settle_epochs
+        if wait <= 0 or self._patterns(net) < self.info.max_patterns:
+            return False
+        target = self.compress_target(net)
+        if target is not None and self.compression(net) > target:
+            return False
+        return self.epoch - self.last_change >= wait
+
+    def search_done(self, net):
+        return self.settled(net)
 
     def compression(self, net):
         """Hard compression: memory of the operations still in the network over all built.
@@ -166,6 +189,7 @@ class BonsaiNet(base.Strategy):
         for _, _, _, p in net.gates():
             p.record()
         change = base.Change()
+        self.epoch = epoch
         g = net.current_genotype()
         if epoch - self.last_deadhead >= cfg.prune_interval:
             dead = self._deadhead(net, g)
@@ -174,6 +198,7 @@ class BonsaiNet(base.Strategy):
                 g, msg = dead
                 change.genotype = g
                 change.events.append(msg)
+                self.last_change = epoch
         target = self.target(net)
         grown = None
         if target is not None and self._compression_of(g) < target \
@@ -194,10 +219,21 @@ class BonsaiNet(base.Strategy):
             change.genotype, change.new_pattern = grown, p
             change.events.append(f"grow: pattern {p + 1}, cells {len(g.cells)}-{len(grown.cells) - 1}")
             self.cycles, self.cycle_start = 0, epoch
+            self.last_change = epoch
         elif epoch - self.cycle_start >= cfg.cycle_len:
-            self.cycles += 1
             self.cycle_start = epoch
-            change.events.append(f"compression cycle {self.cycles}: pressure x{2 ** self.cycles}")
+            # Only a cycle that ended short of the target doubles the pressure
+            # (BONSAINET.md section 3). Doubling past it, at the pattern cap, grew the
+            # compression term to thousands of times the classification loss while
+            # nothing was left to remove (run h16a, README).
+            target = self.compress_target(net)
+            if target is None or self._compression_of(g) > target:
+                self.cycles += 1
+                change.events.append(f"compression cycle {self.cycles}: "
+                                     f"pressure x{2 ** self.cycles}")
+        if change.genotype is None and self.settled(net):
+            change.events.append(f"settled: at the pattern cap, compression at its target "
+                                 f"and no removal for {self.epoch - self.last_change} epochs")
         return change
 
     def _deadhead(self, net, g):
@@ -238,7 +274,8 @@ class BonsaiNet(base.Strategy):
     # ---- checkpoints ----------------------------------------------------------------
     def state(self):
         return {"ratios": self.ratios, "built_bytes": self.built_bytes, "cycles": self.cycles,
-                "cycle_start": self.cycle_start, "last_deadhead": self.last_deadhead}
+                "cycle_start": self.cycle_start, "last_deadhead": self.last_deadhead,
+                "last_change": self.last_change, "epoch": self.epoch}
 
     def load_state(self, state):
         self.ratios = dict(state["ratios"])
@@ -246,6 +283,9 @@ class BonsaiNet(base.Strategy):
         self.cycles = int(state["cycles"])
         self.cycle_start = int(state["cycle_start"])
         self.last_deadhead = int(state["last_deadhead"])
+        # Checkpoints from before settling was tracked: nothing settles before a change.
+        self.epoch = int(state.get("epoch", 0))
+        self.last_change = int(state.get("last_change", self.epoch))
 
 
 def _closed_since_deadhead(p):
