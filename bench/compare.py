@@ -76,9 +76,10 @@ CONTROLLED = {"strategy": "--strategies", "seed": "--seeds", "genotype": "the fo
 # Settings that belong to a method, given to its search runs after the flagfile and before
 # the run flags passed through (which win). SpiderNet: the paper's auxiliary weight, rounds
 # short enough for a short search, and a starting width whose minimal network fits the
-# quick flagfile's memory budget (at its scale 32 that network alone is estimated at 233 MB
-# at batch 64, over the 230 MB budget; at 16, 114 MB, and growth fills the rest).
-METHOD_FLAGS = {"spider": ["--scale=16", "--aux_weight=0.4", "--round_epochs=2"]}
+# quick flagfile's memory budget with room to grow (at its scale 16 that network alone is
+# estimated at 114 MB at batch 64, the whole 115 MB budget; at 8, 57 MB, and growth fills
+# the rest).
+METHOD_FLAGS = {"spider": ["--scale=8", "--aux_weight=0.4", "--round_epochs=2"]}
 
 OWN = flags.FlagValues()
 flags.DEFINE_string("output_dir", "", "Where everything goes; default runs/compare-<dataset>. "

@@ -495,8 +495,8 @@ def test_a_methods_own_settings_reach_its_searches_only_and_yield_to_passed_flag
     calls = {os.path.basename(c["output_dir"]): c for c in fake.calls}
     spider = calls["search-spider-s0"]
     # absl takes the last value: the method's scale and aux weight, the passed rounds.
-    assert spider["scale"] == "16" and spider["aux_weight"] == "0.4"
+    assert spider["scale"] == "8" and spider["aux_weight"] == "0.4"
     assert spider["round_epochs"] == "3"
-    assert spider["args"].index("--scale=16") < spider["args"].index("--round_epochs=3")
+    assert spider["args"].index("--scale=8") < spider["args"].index("--round_epochs=3")
     for name in ("search-bonsai-s0", "retrain-spider-s0", "random-spider-s0"):
-        assert "--scale=16" not in calls[name]["args"], name
+        assert "--scale=8" not in calls[name]["args"], name
