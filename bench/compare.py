@@ -278,8 +278,7 @@ class Comparison:
     """
 
     def __init__(self, settings, launcher=trial_queue.subprocess_launcher, started=None,
-                 latency_runs=50,
-                 command=None, pool=None):
+                 latency_runs=50, command=None, pool=None):
         self.settings, self.launcher = settings, launcher
         self.started = time.time() if started is None else started
         self.out = settings["output_dir"]

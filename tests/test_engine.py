@@ -173,9 +173,11 @@ def test_search_settles_after_its_last_change_at_the_cap(tiny_splits, tmp_path):
     events = _end_epochs(run, 2, 2)
     assert s.search_done(run.net) and any(e.startswith("settled") for e in events), events
     # a change restarts the wait; the state survives a checkpoint
-    s.last_change = 2
+    s.quiet_epochs = 0
     restored = type(s)(s.cfg, s.info)
     restored.load_state(json.loads(json.dumps(s.state())))
+    assert not restored.search_done(run.net)
+    restored.after_epoch(3, run.net)
     assert not restored.search_done(run.net)
     restored.after_epoch(4, run.net)
     assert restored.search_done(run.net)

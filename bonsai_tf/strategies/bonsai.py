@@ -32,8 +32,7 @@ class BonsaiNet(base.Strategy):
         self.cycles = 0         # k: compression cycles so far
         self.cycle_start = 0    # epoch at which the current cycle began
         self.last_deadhead = 0
-        self.last_change = 0    # epoch of the last growth or removal
-        self.epoch = 0          # epochs ended so far (after_epoch's last)
+        self.quiet_epochs = 0   # epochs ended since the last growth or removal
 
     # ---- structure ---------------------------------------------------------------
     def initial_genotype(self):
@@ -105,7 +104,7 @@ class BonsaiNet(base.Strategy):
         target = self.compress_target(net)
         if target is not None and self.compression(net) > target:
             return False
-        return self.epoch - self.last_change >= wait
+        return self.quiet_epochs >= wait
 
     def search_done(self, net):
         return self.settled(net)
@@ -189,7 +188,7 @@ class BonsaiNet(base.Strategy):
         for _, _, _, p in net.gates():
             p.record()
         change = base.Change()
-        self.epoch = epoch
+        self.quiet_epochs += 1
         g = net.current_genotype()
         if epoch - self.last_deadhead >= cfg.prune_interval:
             dead = self._deadhead(net, g)
@@ -198,7 +197,7 @@ class BonsaiNet(base.Strategy):
                 g, msg = dead
                 change.genotype = g
                 change.events.append(msg)
-                self.last_change = epoch
+                self.quiet_epochs = 0
         target = self.target(net)
         grown = None
         if target is not None and self._compression_of(g) < target \
@@ -219,7 +218,7 @@ class BonsaiNet(base.Strategy):
             change.genotype, change.new_pattern = grown, p
             change.events.append(f"grow: pattern {p + 1}, cells {len(g.cells)}-{len(grown.cells) - 1}")
             self.cycles, self.cycle_start = 0, epoch
-            self.last_change = epoch
+            self.quiet_epochs = 0
         elif epoch - self.cycle_start >= cfg.cycle_len:
             self.cycle_start = epoch
             # Only a cycle that ended short of the target doubles the pressure
@@ -233,7 +232,7 @@ class BonsaiNet(base.Strategy):
                                      f"pressure x{2 ** self.cycles}")
         if change.genotype is None and self.settled(net):
             change.events.append(f"settled: at the pattern cap, compression at its target "
-                                 f"and no removal for {self.epoch - self.last_change} epochs")
+                                 f"and no removal for {self.quiet_epochs} epochs")
         return change
 
     def _deadhead(self, net, g):
@@ -275,7 +274,7 @@ class BonsaiNet(base.Strategy):
     def state(self):
         return {"ratios": self.ratios, "built_bytes": self.built_bytes, "cycles": self.cycles,
                 "cycle_start": self.cycle_start, "last_deadhead": self.last_deadhead,
-                "last_change": self.last_change, "epoch": self.epoch}
+                "quiet_epochs": self.quiet_epochs}
 
     def load_state(self, state):
         self.ratios = dict(state["ratios"])
@@ -283,9 +282,8 @@ class BonsaiNet(base.Strategy):
         self.cycles = int(state["cycles"])
         self.cycle_start = int(state["cycle_start"])
         self.last_deadhead = int(state["last_deadhead"])
-        # Checkpoints from before settling was tracked: nothing settles before a change.
-        self.epoch = int(state.get("epoch", 0))
-        self.last_change = int(state.get("last_change", self.epoch))
+        # Checkpoints from before settling was tracked count from their next epoch.
+        self.quiet_epochs = int(state.get("quiet_epochs", 0))
 
 
 def _closed_since_deadhead(p):
