@@ -140,6 +140,8 @@ class Run:
         self.final_network = None
         self._rebuild_clock = 0.0       # this epoch's seconds in _rebuild
         self._retrace_pending = False   # the next first step traces after a rebuild
+        self._eval_retrace_pending = False   # and so does the next evaluation's first batch
+        self._eval_retrace = 0.0        # this epoch's seconds of that evaluation trace
 
     # ---- set-up -------------------------------------------------------------------
     @_in_scope
@@ -376,7 +378,7 @@ class Run:
         while not self._done():
             st = self.state
             started = time.time()
-            self._rebuild_clock = 0.0
+            self._rebuild_clock = self._eval_retrace = 0.0
             # Every random draw of an epoch (tf.data shuffle and augmentation seeds depend
             # on the global seed too) follows from (seed, epoch) alone, so a resumed run
             # draws exactly what an uninterrupted one does.
@@ -406,6 +408,7 @@ class Run:
                                       st.epoch + 1)
             # (the slowest worker's: the epoch and search seconds the plan reads agree)
             elapsed = self._agree(time.time() - started)
+            logs["retrace_seconds"] += self._eval_retrace
             restructured = self._rebuild_clock + logs["retrace_seconds"]
             logs["restructure_seconds"] = restructured
             st.epoch += 1
@@ -649,10 +652,18 @@ class Run:
         from bonsai_tf import data as data_lib
         ds = data_lib.make_dataset(images, labels, batch_size=batch_size, training=False)
         loss = correct = 0.0
+        times = []
         for xb, yb in ds:
+            started = time.time()
             out = self.eval_step(xb, yb)
             loss += float(out["loss_sum"])
             correct += float(out["correct"])
+            times.append(time.time() - started)
+        if self._eval_retrace_pending and len(times) > 1:
+            # The first evaluation after a rebuild traces the new evaluation step: a
+            # cost of the structural change, as the first training step's is.
+            self._eval_retrace += max(0.0, times[0] - float(np.median(times[1:])))
+        self._eval_retrace_pending = False
         n = max(len(labels), 1)
         return {"loss": loss / n, "accuracy": correct / n}
 
@@ -743,7 +754,8 @@ class Run:
         g = self._chiefs_genotype(self.strategy.final_genotype(self.net).canonical())
         self.net = self.net.final(g, aux_heads=True, drop_path=self.cfg.drop_path)
         st.phase, st.phase_epochs = "final", 0
-        self._retrace_pending = False  # the final network's first trace is not a search cost
+        # The final network's first traces are not a search cost.
+        self._retrace_pending = self._eval_retrace_pending = False
         st.genotype = self.net.genotype.to_dict()
         self.opt = self._new_optimizer()
         self.arch_opt = None
@@ -762,9 +774,9 @@ class Run:
         self._same_start()
         self._write_genotype()
         self._rebuild_clock += time.time() - started
-        # The next epoch's first step traces the new step functions: its extra time is
-        # part of this change's cost.
-        self._retrace_pending = True
+        # The next epoch's first step and first validation batch trace the new step
+        # functions: their extra time is part of this change's cost.
+        self._retrace_pending = self._eval_retrace_pending = True
 
     # ---- records, checkpoints ---------------------------------------------------------
     def _record(self, logs, val, elapsed, events, phase):

@@ -47,6 +47,18 @@ def test_compression_loss_pushes_gates_the_right_way(tiny_splits, tmp_path):
     assert float(doubled) == pytest.approx(2 * float(loss), rel=1e-5)
 
 
+def test_first_evaluation_after_a_rebuild_counts_its_trace(tiny_splits, tmp_path):
+    run = make_run(tiny_splits, tmp_path)
+    run.prepare()
+    x, y = tiny_splits.val
+    run._eval_retrace_pending = True      # as _rebuild leaves it
+    run.evaluate(x, y, batch_size=8)
+    traced = run._eval_retrace
+    assert traced > 0 and not run._eval_retrace_pending
+    run.evaluate(x, y, batch_size=8)      # nothing rebuilt since: nothing added
+    assert run._eval_retrace == traced
+
+
 @pytest.mark.slow
 def test_tiny_search_deadheads_grows_and_finishes(tiny_splits, tmp_path):
     run = make_run(tiny_splits, tmp_path)
