@@ -75,6 +75,14 @@ def _as_list(outs):
     return list(outs) if isinstance(outs, (list, tuple)) else [outs]
 
 
+def _first_call_excess(seconds):
+    """How much longer the first of these timed calls took than the median of the rest:
+    after a rebuild, what tracing the new graph cost (0 with fewer than two calls)."""
+    if len(seconds) < 2:
+        return 0.0
+    return max(0.0, seconds[0] - float(np.median(seconds[1:])))
+
+
 def _then_true(fn):
     """A tf.cond branch that runs fn's stateful ops and returns True."""
     fn()
@@ -626,9 +634,7 @@ class Run:
             timed = (time.time() - probe_from) / (steps - 1) if steps > 1 else None
             self._plan_phase(timed or (time.time() - epoch_started) / steps)
         seen = max(seen, 1)
-        retrace = 0.0
-        if self._retrace_pending and len(step_times) > 1:
-            retrace = max(0.0, step_times[0] - float(np.median(step_times[1:])))
+        retrace = _first_call_excess(step_times) if self._retrace_pending else 0.0
         self._retrace_pending = False
         return {"train_loss": total["loss"] / seen, "train_ce": total["ce"] / seen,
                 "compression_loss": total["compression_loss"] / seen,
@@ -659,10 +665,10 @@ class Run:
             loss += float(out["loss_sum"])
             correct += float(out["correct"])
             times.append(time.time() - started)
-        if self._eval_retrace_pending and len(times) > 1:
+        if self._eval_retrace_pending:
             # The first evaluation after a rebuild traces the new evaluation step: a
             # cost of the structural change, as the first training step's is.
-            self._eval_retrace += max(0.0, times[0] - float(np.median(times[1:])))
+            self._eval_retrace += _first_call_excess(times)
         self._eval_retrace_pending = False
         n = max(len(labels), 1)
         return {"loss": loss / n, "accuracy": correct / n}
