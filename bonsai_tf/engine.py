@@ -150,6 +150,11 @@ class Run:
         self._retrace_pending = False   # the next first step traces after a rebuild
         self._eval_retrace_pending = False   # and so does the next evaluation's first batch
         self._eval_retrace = 0.0        # this epoch's seconds of that evaluation trace
+        # Whether the current training and evaluation steps have run since they were
+        # compiled, and the first-call excess of every epoch's calls on a graph already
+        # traced: what a first batch costs without any structural change.
+        self._traced = {"train": False, "eval": False}
+        self._warmups = {"train": [], "eval": []}
 
     # ---- set-up -------------------------------------------------------------------
     @_in_scope
@@ -214,6 +219,7 @@ class Run:
 
     def _compile(self):
         cfg, net = self.cfg, self.net
+        self._traced = {"train": False, "eval": False}
         model = net.model
         groups, arch_vars = self._groups()
         moved = net.take_moved()    # renumbered nodes: momentum follows the weights
@@ -634,7 +640,8 @@ class Run:
             timed = (time.time() - probe_from) / (steps - 1) if steps > 1 else None
             self._plan_phase(timed or (time.time() - epoch_started) / steps)
         seen = max(seen, 1)
-        retrace = _first_call_excess(step_times) if self._retrace_pending else 0.0
+        retrace = self._trace_cost("train", step_times)
+        retrace = retrace if self._retrace_pending else 0.0
         self._retrace_pending = False
         return {"train_loss": total["loss"] / seen, "train_ce": total["ce"] / seen,
                 "compression_loss": total["compression_loss"] / seen,
@@ -665,13 +672,32 @@ class Run:
             loss += float(out["loss_sum"])
             correct += float(out["correct"])
             times.append(time.time() - started)
+        traced = self._trace_cost("eval", times)
         if self._eval_retrace_pending:
             # The first evaluation after a rebuild traces the new evaluation step: a
             # cost of the structural change, as the first training step's is.
-            self._eval_retrace += _first_call_excess(times)
+            self._eval_retrace += traced
         self._eval_retrace_pending = False
         n = max(len(labels), 1)
         return {"loss": loss / n, "accuracy": correct / n}
+
+    def _trace_cost(self, kind, seconds):
+        """What tracing cost the first of these timed calls (kind: "train" or "eval").
+
+        Every epoch's first batch is slower than the rest even on a graph already
+        traced: its data pipeline starts (0.1-0.4 s a training epoch in quick searches,
+        measured). So the first call after a compile costs its excess over the median
+        of the later calls, less the median excess of the epochs that traced nothing;
+        an epoch that traced nothing adds its excess to those and costs 0.
+        """
+        excess = _first_call_excess(seconds)
+        if self._traced[kind]:
+            if len(seconds) > 1:
+                self._warmups[kind].append(excess)
+            return 0.0
+        self._traced[kind] = True
+        warmups = self._warmups[kind]
+        return max(0.0, excess - (float(np.median(warmups)) if warmups else 0.0))
 
     # ---- learning rates ---------------------------------------------------------------
     def _set_lrs(self, epoch):

@@ -59,6 +59,25 @@ def test_first_evaluation_after_a_rebuild_counts_its_trace(tiny_splits, tmp_path
     assert run._eval_retrace == traced
 
 
+def test_trace_cost_leaves_out_what_every_first_batch_costs(tiny_splits, tmp_path):
+    run = make_run(tiny_splits, tmp_path)
+    run.prepare()
+    # Freshly compiled, nothing seen yet: the whole excess over the median is the trace's.
+    assert run._trace_cost("train", [1.3, 0.1, 0.1, 0.1]) == pytest.approx(1.2)
+    # Epochs on the same graph: their first batches' excess (a data pipeline starting)
+    # is recorded, not counted.
+    assert run._trace_cost("train", [0.4, 0.1, 0.1]) == 0.0
+    assert run._trace_cost("train", [0.2, 0.1, 0.1]) == 0.0
+    assert run._trace_cost("train", [0.3, 0.1, 0.1]) == 0.0
+    assert run._warmups["train"] == pytest.approx([0.3, 0.1, 0.2])
+    run._compile()      # as a rebuild does: the next first batch traces again
+    assert run._trace_cost("train", [1.3, 0.1, 0.1]) == pytest.approx(1.0)
+    # Never below zero, and the evaluation keeps its own record.
+    run._compile()
+    assert run._trace_cost("train", [0.15, 0.1, 0.1]) == 0.0
+    assert run._trace_cost("eval", [0.9, 0.1]) == pytest.approx(0.8)
+
+
 @pytest.mark.slow
 def test_tiny_search_deadheads_grows_and_finishes(tiny_splits, tmp_path):
     run = make_run(tiny_splits, tmp_path)
