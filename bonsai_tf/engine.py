@@ -76,8 +76,8 @@ def _as_list(outs):
 
 
 def _first_call_excess(seconds):
-    """How much longer the first of these timed calls took than the median of the rest:
-    after a rebuild, what tracing the new graph cost (0 with fewer than two calls)."""
+    """How much longer the first of these timed calls took than the median of the rest
+    (0 with fewer than two calls)."""
     if len(seconds) < 2:
         return 0.0
     return max(0.0, seconds[0] - float(np.median(seconds[1:])))
@@ -147,8 +147,9 @@ class Run:
         self._writer = None
         self.final_network = None
         self._rebuild_clock = 0.0       # this epoch's seconds in _rebuild
-        self._retrace_pending = False   # the next first step traces after a rebuild
-        self._eval_retrace_pending = False   # and so does the next evaluation's first batch
+        # Whether the next training epoch's first step and the next evaluation's first
+        # batch trace after a rebuild (a cost of the structural change).
+        self._retrace_pending = {"train": False, "eval": False}
         self._eval_retrace = 0.0        # this epoch's seconds of that evaluation trace
         # Whether the current training and evaluation steps have run since they were
         # compiled, and the first-call excess of every epoch's calls on a graph already
@@ -641,8 +642,6 @@ class Run:
             self._plan_phase(timed or (time.time() - epoch_started) / steps)
         seen = max(seen, 1)
         retrace = self._trace_cost("train", step_times)
-        retrace = retrace if self._retrace_pending else 0.0
-        self._retrace_pending = False
         return {"train_loss": total["loss"] / seen, "train_ce": total["ce"] / seen,
                 "compression_loss": total["compression_loss"] / seen,
                 "train_accuracy": total["correct"] / seen, "steps": steps,
@@ -672,17 +671,15 @@ class Run:
             loss += float(out["loss_sum"])
             correct += float(out["correct"])
             times.append(time.time() - started)
-        traced = self._trace_cost("eval", times)
-        if self._eval_retrace_pending:
-            # The first evaluation after a rebuild traces the new evaluation step: a
-            # cost of the structural change, as the first training step's is.
-            self._eval_retrace += traced
-        self._eval_retrace_pending = False
+        # The first evaluation after a rebuild traces the new evaluation step: a cost
+        # of the structural change, as the first training step's is.
+        self._eval_retrace += self._trace_cost("eval", times)
         n = max(len(labels), 1)
         return {"loss": loss / n, "accuracy": correct / n}
 
     def _trace_cost(self, kind, seconds):
-        """What tracing cost the first of these timed calls (kind: "train" or "eval").
+        """What tracing after a rebuild cost the first of these timed calls (kind:
+        "train" or "eval"); 0 unless a rebuild left the retrace pending.
 
         Every epoch's first batch is slower than the rest even on a graph already
         traced: its data pipeline starts (0.1-0.4 s a training epoch in quick searches,
@@ -691,11 +688,14 @@ class Run:
         an epoch that traced nothing adds its excess to those and costs 0.
         """
         excess = _first_call_excess(seconds)
+        pending, self._retrace_pending[kind] = self._retrace_pending[kind], False
         if self._traced[kind]:
             if len(seconds) > 1:
                 self._warmups[kind].append(excess)
             return 0.0
         self._traced[kind] = True
+        if not pending:     # a first trace (a new run, the final network): not a change's
+            return 0.0
         warmups = self._warmups[kind]
         return max(0.0, excess - (float(np.median(warmups)) if warmups else 0.0))
 
@@ -787,7 +787,7 @@ class Run:
         self.net = self.net.final(g, aux_heads=True, drop_path=self.cfg.drop_path)
         st.phase, st.phase_epochs = "final", 0
         # The final network's first traces are not a search cost.
-        self._retrace_pending = self._eval_retrace_pending = False
+        self._retrace_pending = {"train": False, "eval": False}
         st.genotype = self.net.genotype.to_dict()
         self.opt = self._new_optimizer()
         self.arch_opt = None
@@ -808,7 +808,7 @@ class Run:
         self._rebuild_clock += time.time() - started
         # The next epoch's first step and first validation batch trace the new step
         # functions: their extra time is part of this change's cost.
-        self._retrace_pending = self._eval_retrace_pending = True
+        self._retrace_pending = {"train": True, "eval": True}
 
     # ---- records, checkpoints ---------------------------------------------------------
     def _record(self, logs, val, elapsed, events, phase):

@@ -51,10 +51,10 @@ def test_first_evaluation_after_a_rebuild_counts_its_trace(tiny_splits, tmp_path
     run = make_run(tiny_splits, tmp_path)
     run.prepare()
     x, y = tiny_splits.val
-    run._eval_retrace_pending = True      # as _rebuild leaves it
+    run._retrace_pending["eval"] = True   # as _rebuild leaves it
     run.evaluate(x, y, batch_size=8)
     traced = run._eval_retrace
-    assert traced > 0 and not run._eval_retrace_pending
+    assert traced > 0 and not run._retrace_pending["eval"]
     run.evaluate(x, y, batch_size=8)      # nothing rebuilt since: nothing added
     assert run._eval_retrace == traced
 
@@ -62,6 +62,7 @@ def test_first_evaluation_after_a_rebuild_counts_its_trace(tiny_splits, tmp_path
 def test_trace_cost_leaves_out_what_every_first_batch_costs(tiny_splits, tmp_path):
     run = make_run(tiny_splits, tmp_path)
     run.prepare()
+    run._retrace_pending = {"train": True, "eval": True}   # as _rebuild leaves it
     # Freshly compiled, nothing seen yet: the whole excess over the median is the trace's.
     assert run._trace_cost("train", [1.3, 0.1, 0.1, 0.1]) == pytest.approx(1.2)
     # Epochs on the same graph: their first batches' excess (a data pipeline starting)
@@ -71,9 +72,11 @@ def test_trace_cost_leaves_out_what_every_first_batch_costs(tiny_splits, tmp_pat
     assert run._trace_cost("train", [0.3, 0.1, 0.1]) == 0.0
     assert run._warmups["train"] == pytest.approx([0.3, 0.1, 0.2])
     run._compile()      # as a rebuild does: the next first batch traces again
+    run._retrace_pending["train"] = True
     assert run._trace_cost("train", [1.3, 0.1, 0.1]) == pytest.approx(1.0)
     # Never below zero, and the evaluation keeps its own record.
     run._compile()
+    run._retrace_pending["train"] = True
     assert run._trace_cost("train", [0.15, 0.1, 0.1]) == 0.0
     assert run._trace_cost("eval", [0.9, 0.1]) == pytest.approx(0.8)
 
