@@ -61,6 +61,7 @@ class State:
     # Search seconds spent on structural changes: rebuilding the network and the extra
     # time of the first step after it (tracing the new step, optimising its graph).
     restructure_seconds: float = 0.0
+    restructures: int = 0                # structural changes (rebuilds) of the search
     seconds: float = 0.0                 # training seconds (epochs) so far
     wall_seconds: float = 0.0            # whole-command seconds of earlier processes
     measured_mb: float = None
@@ -801,6 +802,7 @@ class Run:
         started = time.time()
         self.net.rebuild(genotype, node_maps)
         self.state.genotype = self.net.genotype.to_dict()
+        self.state.restructures += 1
         self.strategy.begin(self.net, fresh=False)
         self._compile()
         self._same_start()
@@ -915,6 +917,11 @@ class Run:
                    "restructure_seconds": st.restructure_seconds,
                    "restructure_share": (st.restructure_seconds / st.search_seconds
                                          if st.search_seconds else None),
+                   # What one change costs whatever the search's length: the share
+                   # above falls as a search runs on after its last change, this does not.
+                   "restructures": st.restructures,
+                   "restructure_seconds_per_change": (st.restructure_seconds / st.restructures
+                                                      if st.restructures else None),
                    "total_seconds": st.seconds, "epochs": st.epoch,
                    "memory_mb": memory_lib.estimate(g, self.cfg.batch_size)["mb"],
                    "memory_measured_mb": st.measured_mb,

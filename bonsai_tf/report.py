@@ -715,7 +715,10 @@ def _restructure(metrics):
     seconds, share = metrics.get("restructure_seconds"), metrics.get("restructure_share")
     if not isinstance(seconds, (int, float)) or not isinstance(share, (int, float)):
         return "–"
-    return f"{_fmt_seconds(seconds)} ({100 * share:.1f}%: rebuilds and retracing)"
+    changes = metrics.get("restructures")
+    each = (f", {changes} changes, {seconds / changes:.1f} s each"
+            if isinstance(changes, int) and changes > 0 else "")
+    return f"{_fmt_seconds(seconds)} ({100 * share:.1f}%: rebuilds and retracing{each})"
 
 
 def _cell_listing(cell, c):

@@ -107,6 +107,11 @@ def test_tiny_search_deadheads_grows_and_finishes(tiny_splits, tmp_path):
     assert metrics["restructure_seconds"] == pytest.approx(
         sum(r["restructure_seconds"] for r in search), rel=1e-6)
     assert 0 < metrics["restructure_share"] < 1
+    # One rebuild per epoch that deadheaded or grew (both in one epoch: one rebuild).
+    changed = [r for r in search if any(e.startswith(("deadhead", "grow")) for e in r["events"])]
+    assert metrics["restructures"] == len(changed) >= 2
+    assert metrics["restructure_seconds_per_change"] == pytest.approx(
+        metrics["restructure_seconds"] / len(changed))
     g = G.Genotype.load(str(tmp_path / "genotype.json"))
     assert g.hash() == metrics["genotype_hash"] and len(g.cells) == 2
     assert g.num_ops() < 2 * 5 * 7

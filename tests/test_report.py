@@ -315,3 +315,14 @@ def test_a_latency_selection_is_reported(tmp_path):
     # runs of other strategies have no such section
     assert "## Latency target" not in open(report.write_report(
         str(_write_run(tmp_path / "bonsai", _records())))).read()
+
+
+def test_restructuring_row_gives_the_cost_of_one_change_when_recorded():
+    metrics = {"restructure_seconds": 12.0, "restructure_share": 0.2, "restructures": 6}
+    assert report._restructure(metrics).endswith("(20.0%: rebuilds and retracing, 6 changes, "
+                                                  "2.0 s each)")
+    # Runs that recorded no count (older ones, or no change at all) keep the share alone.
+    for count in (None, 0):
+        row = report._restructure(dict(metrics, restructures=count))
+        assert row.endswith("(20.0%: rebuilds and retracing)")
+    assert report._restructure({"restructure_seconds": None}) == "–"

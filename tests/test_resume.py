@@ -37,6 +37,7 @@ KILLED = -signal.SIGKILL
 TIMING = {"seconds", "epoch_seconds", "memory_measured_mb", "search_seconds", "total_seconds",
           "step_seconds", "first_step_seconds", "wall_seconds", "val_seconds",
           "bayes_update_seconds", "retrace_seconds", "restructure_seconds", "restructure_share",
+          "restructure_seconds_per_change",
           "trainfree_seconds_per_candidate"}
 
 
