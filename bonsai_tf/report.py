@@ -715,9 +715,10 @@ def _restructure(metrics):
     seconds, share = metrics.get("restructure_seconds"), metrics.get("restructure_share")
     if not isinstance(seconds, (int, float)) or not isinstance(share, (int, float)):
         return "–"
-    changes = metrics.get("restructures")
-    each = (f", {changes} changes, {seconds / changes:.1f} s each"
-            if isinstance(changes, int) and changes > 0 else "")
+    # The engine's own per-change figure (None where the search made no change).
+    changes, each = metrics.get("restructures"), metrics.get("restructure_seconds_per_change")
+    each = (f", {changes} changes, {each:.1f} s each"
+            if isinstance(changes, int) and isinstance(each, (int, float)) else "")
     return f"{_fmt_seconds(seconds)} ({100 * share:.1f}%: rebuilds and retracing{each})"
 
 

@@ -318,11 +318,13 @@ def test_a_latency_selection_is_reported(tmp_path):
 
 
 def test_restructuring_row_gives_the_cost_of_one_change_when_recorded():
-    metrics = {"restructure_seconds": 12.0, "restructure_share": 0.2, "restructures": 6}
+    metrics = {"restructure_seconds": 12.0, "restructure_share": 0.2, "restructures": 6,
+               "restructure_seconds_per_change": 2.0}
     assert report._restructure(metrics).endswith("(20.0%: rebuilds and retracing, 6 changes, "
                                                   "2.0 s each)")
     # Runs that recorded no count (older ones, or no change at all) keep the share alone.
-    for count in (None, 0):
-        row = report._restructure(dict(metrics, restructures=count))
+    for count, each in ((None, None), (0, None)):
+        row = report._restructure(dict(metrics, restructures=count,
+                                       restructure_seconds_per_change=each))
         assert row.endswith("(20.0%: rebuilds and retracing)")
     assert report._restructure({"restructure_seconds": None}) == "–"
