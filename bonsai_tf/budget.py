@@ -17,7 +17,9 @@ shortens its phase, and one that gains (pruned operations) lengthens it.
 
 Learning rates follow the plan: `progress` maps every step to [0, 1] of the run,
 the search covering [0, search_fraction) and the final phase the rest, and the
-cosine schedules are functions of progress. Everything here is plain data (JSON
+cosine schedules are functions of progress. A re-planned phase keeps the progress it
+has reached and spreads the rest over its new step count, so the learning rate never
+rises again. Everything here is plain data (JSON
 in the checkpoint and in plan.json), so a resumed run keeps its plan.
 """
 
@@ -53,6 +55,10 @@ class PhasePlan:
     seconds: float          # allotted when planned
     start_epoch: int        # the run's epoch index at which the phase began
     overhead: list = dataclasses.field(default_factory=list)  # per epoch: seconds not in steps
+    # Where the schedule stood at the last replan: its position in [0, 1] within the phase
+    # and the phase's step count then. The steps after it cover the rest of the way.
+    anchor_within: float = 0.0
+    anchor_step: int = 0
 
     def steps(self):
         return self.epochs * self.steps_per_epoch
@@ -138,15 +144,30 @@ class Plan:
                f"{seconds_left:.0f} s left")
         self.log.append({"epoch": p.start_epoch + epochs_done, "phase": phase,
                          "epochs": wanted, "was": p.epochs, "why": why})
+        # The schedule keeps the position it has reached and spreads the rest of its way
+        # over the steps now planned. Recomputing the position from the new epoch count
+        # moved it back whenever a phase was lengthened, raising the learning rate: the
+        # quick default's final phase re-planned 33 -> 35 -> 34 -> 33 epochs in its last
+        # three (run a0), so its learning rate rose where it should have been smallest.
+        p.anchor_within = self._within(p, epochs_done, 0)
+        p.anchor_step = epochs_done * p.steps_per_epoch
         p.epochs = wanted
         return True
+
+    @staticmethod
+    def _within(p, epochs_done, step):
+        """Position in [0, 1] of the schedule within phase plan `p`: it never moves back."""
+        done = epochs_done * p.steps_per_epoch + step
+        left = p.steps() - p.anchor_step
+        if left <= 0:
+            return 1.0
+        within = p.anchor_within + (1.0 - p.anchor_within) * (done - p.anchor_step) / left
+        return min(1.0, max(p.anchor_within, within))
 
     def progress(self, phase, epochs_done, step):
         """Position in [0, 1] of the run's learning-rate schedules at this step."""
         p = self.phases.get(phase)
-        within = 0.0
-        if p is not None and p.steps():
-            within = min(1.0, (epochs_done * p.steps_per_epoch + step) / p.steps())
+        within = self._within(p, epochs_done, step) if p is not None and p.steps() else 0.0
         f = self.search_fraction
         return f * within if phase == "search" else f + (1.0 - f) * within
 

@@ -55,6 +55,38 @@ def test_ahead_lengthens_only_past_the_noise():
     assert p.epochs == 10 and "ahead" in plan.log[-1]["why"]
 
 
+def test_a_replanned_schedule_never_moves_back_and_still_ends_at_the_last_step():
+    # The quick default's final phase (run a0): 33 epochs re-planned to 35 after 21 done,
+    # then to 34 and to 33 after the next two.
+    plan = planned(seconds=900.0, step=0.03, full_pass=843)
+    p = plan.phases["final"]
+    p.epochs = 33
+    seen = [plan.progress("final", e, s) for e in range(21) for s in (0, 421)]
+    for done, wanted in ((21, 35), (22, 34), (23, 33)):
+        before = plan.progress("final", done, 0)
+        each = 30.0
+        plan.epoch_done("final", each, 843, each / 843, each / 843)
+        assert plan.replan("final", done, (wanted - done) * p.epoch_seconds() + 1.0)
+        assert p.epochs == wanted
+        assert plan.progress("final", done, 0) == pytest.approx(before)   # no jump back
+        seen += [plan.progress("final", done, s) for s in (0, 421)]
+    seen += [plan.progress("final", e, s) for e in range(24, 33) for s in (0, 421)]
+    assert all(b >= a for a, b in zip(seen, seen[1:]))                  # monotone throughout
+    assert plan.progress("final", 33, 0) == pytest.approx(1.0)          # ends at the end
+    # Shortened to what is already done: the phase is over, its schedule at its end.
+    plan.epoch_done("final", 600.0, 843, 0.7, 0.7)
+    assert plan.replan("final", 30, 1.0) and p.epochs == 30
+    assert plan.progress("final", 30, 0) == pytest.approx(1.0)
+    # The position survives JSON (a resumed run keeps it), and a plan written before
+    # the anchor existed reads back as one never re-planned.
+    again = budget.Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again.progress("final", 29, 0) == plan.progress("final", 29, 0)
+    old = planned().to_dict()
+    for key in ("anchor_within", "anchor_step"):
+        del old["phases"]["final"][key]
+    assert budget.Plan.from_dict(old).progress("final", 3, 0) == pytest.approx(0.3 + 0.7 * 3 / 7)
+
+
 def test_a_final_network_is_trained_at_least_once_and_a_finished_phase_is_left_alone():
     plan = planned(seconds=30.0, step=1.0, full_pass=100)
     p = plan.phases["final"]
