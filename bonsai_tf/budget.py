@@ -147,8 +147,9 @@ class Plan:
         # The schedule keeps the position it has reached and spreads the rest of its way
         # over the steps now planned. Recomputing the position from the new epoch count
         # moved it back whenever a phase was lengthened, raising the learning rate: the
-        # quick default's final phase re-planned 33 -> 35 -> 34 -> 33 epochs in its last
-        # three (run a0), so its learning rate rose where it should have been smallest.
+        # quick default's final phase re-planned 33 -> 35 -> 34 -> 33 epochs after 21, 22
+        # and 23 of them (run a0), so its learning rate rose in the second half of its
+        # schedule, where it should only fall.
         p.anchor_within = self._within(p, epochs_done, 0)
         p.anchor_step = epochs_done * p.steps_per_epoch
         p.epochs = wanted
