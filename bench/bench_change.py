@@ -50,7 +50,7 @@ FLAGS = flags.FLAGS
 PARTS = ("rebuild", "train_trace", "train_first_call", "eval_trace", "eval_first_call")
 
 
-def _synthetic_config(shape, scale, nodes, space, pattern_spec, stem_stride, batch):
+def _synthetic_config(scale, nodes, space, pattern_spec, stem_stride, batch):
     from bonsai_tf import config as config_lib
     return config_lib.RunConfig(scale=scale, nodes=nodes, space=space, patterns=pattern_spec,
                                 batch_size=batch, stem_stride=stem_stride, epochs=1,
@@ -152,8 +152,8 @@ def main(argv):
     else:
         shape = tuple(int(v) for v in FLAGS.shape.split("x"))
         spec = json.loads(FLAGS.pattern_spec)
-        cfg = _synthetic_config(shape, FLAGS.scale, FLAGS.nodes, FLAGS.space, spec,
-                                FLAGS.stem_stride, FLAGS.batch)
+        cfg = _synthetic_config(FLAGS.scale, FLAGS.nodes, FLAGS.space, spec, FLAGS.stem_stride,
+                                FLAGS.batch)
         g = genotype_lib.initial(FLAGS.space, shape, 10, FLAGS.scale, FLAGS.nodes, spec, 1,
                                  stem_stride=FLAGS.stem_stride)
         while genotype_lib.num_patterns(g) < FLAGS.patterns:
