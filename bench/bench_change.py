@@ -82,17 +82,10 @@ def time_changes(cfg, genotype, repeats, val_batch=256):
     from bonsai_tf import data as data_lib
     from bonsai_tf import engine
     from bonsai_tf import genotype as genotype_lib
+    import synthetic
 
-    shape = tuple(genotype.input_shape)
-    h, w, c = shape
-    info = data_lib.DatasetInfo(name="bench", image_shape=shape,
-                                num_classes=genotype.num_classes,
-                                class_names=tuple(str(i) for i in range(genotype.num_classes)),
-                                mean=(128.0,) * c, std=(64.0,) * c, augment="none")
-    rng = np.random.RandomState(0)
-    n = max(cfg.batch_size, val_batch)
-    x = rng.randint(0, 255, (n, h, w, c)).astype(np.uint8)
-    y = np.arange(n) % genotype.num_classes
+    x, y, info = synthetic.images(genotype.input_shape, max(cfg.batch_size, val_batch),
+                                  genotype.num_classes)
     splits = data_lib.Splits(train=(x, y), val=(x, y), test=(x, y), info=info)
     with tempfile.TemporaryDirectory() as tmp:
         run = engine.Run(cfg, splits, tmp, verbose=0, exports=False)
@@ -141,7 +134,7 @@ def time_changes(cfg, genotype, repeats, val_batch=256):
 def main(argv):
     del argv
     import calibrate
-    from bonsai_tf import genotype as genotype_lib
+    import synthetic
     from bonsai_tf import machine
     machine.configure_threads()
     if FLAGS.repeats < 1:
@@ -154,10 +147,8 @@ def main(argv):
         spec = json.loads(FLAGS.pattern_spec)
         cfg = _synthetic_config(FLAGS.scale, FLAGS.nodes, FLAGS.space, spec, FLAGS.stem_stride,
                                 FLAGS.batch)
-        g = genotype_lib.initial(FLAGS.space, shape, 10, FLAGS.scale, FLAGS.nodes, spec, 1,
-                                 stem_stride=FLAGS.stem_stride)
-        while genotype_lib.num_patterns(g) < FLAGS.patterns:
-            g = genotype_lib.grow(g)
+        g = synthetic.supernet(FLAGS.space, shape, FLAGS.scale, FLAGS.nodes, spec,
+                               FLAGS.patterns, FLAGS.stem_stride)
         source = {"synthetic": {"shape": list(shape), "scale": FLAGS.scale,
                                 "nodes": FLAGS.nodes, "space": FLAGS.space,
                                 "pattern_spec": spec, "patterns": FLAGS.patterns,

@@ -65,17 +65,12 @@ def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps
     from bonsai_tf import config as config_lib
     from bonsai_tf import data as data_lib
     from bonsai_tf import engine
-    from bonsai_tf import genotype as genotype_lib
     from bonsai_tf import machine
     from bonsai_tf import memory as memory_lib
+    import synthetic
 
     shape = tuple(shape)
-    h, w, c = shape
-    info = data_lib.DatasetInfo(name="bench", image_shape=shape, num_classes=10,
-                                class_names=tuple(str(i) for i in range(10)), mean=(128.0,) * c,
-                                std=(64.0,) * c, augment="none")
-    x = np.random.RandomState(0).randint(0, 255, (batch, h, w, c)).astype(np.uint8)
-    y = np.arange(batch) % 10
+    x, y, info = synthetic.images(shape, batch)
     splits = data_lib.Splits(train=(x, y), val=(x[:0], y[:0]), test=(x, y), info=info)
     # val_size 1 only satisfies the bi-level strategies' check: no architecture step runs.
     cfg = config_lib.RunConfig(scale=scale, nodes=nodes, space=space, patterns=pattern_spec,
@@ -88,10 +83,7 @@ def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps
                                            "mirrored" if devices > 1 else "none"),
                                devices=devices if devices > 1 else 0)
     run = engine.Run(cfg, splits, "/tmp/bench_step_unused", verbose=0)
-    g = genotype_lib.initial(space, shape, 10, scale, nodes, pattern_spec, 1,
-                             stem_stride=stem_stride)
-    while genotype_lib.num_patterns(g) < patterns:
-        g = genotype_lib.grow(g)
+    g = synthetic.supernet(space, shape, scale, nodes, pattern_spec, patterns, stem_stride)
     # The full supernet of `patterns` patterns; ProxylessNAS runs a sampled path of it
     # (two operations per edge, one active), so its step's memory is that of one path.
     run.prepare(genotype=g)
