@@ -9,7 +9,9 @@ scripts in a subprocess:
   1. search-S-sK   every strategy S of --strategies (default: bonsai, asap, bayes,
                    spider) with every seed K: train/search.py under its share of the
                    budget, --search_fraction of it searching; its genotype.json is the
-                   found network. A method's own settings (METHOD_FLAGS) come between
+                   found network, whose final network it only times (--final_probe_steps),
+                   leaving the rest of its share to the retrainings. A method's own
+                   settings (METHOD_FLAGS) come between
                    the flagfile and the flags passed through.
   2. tuner         train/tune.py: a KerasTuner random search over the same operation
                    space, as much wall-clock as one strategy's searches together.
@@ -68,10 +70,16 @@ DEFAULT_FLAGFILE = os.path.join(REPO, "train", "configs", "fmnist_quick.flags")
 STATE_FILE = "compare.json"
 FORMAT = "bonsai-tf/compare"
 VERSION = 1
+# A search run's final network is retrained from scratch here, so the run only times it,
+# over this many steps (the speed the retraining epochs are planned from), and ends: the
+# rest of its share goes to the retrainings. Training it fully cost a search run of the
+# quick flagfile about 300 of its 400-odd seconds (run cmp16d).
+FINAL_PROBE_STEPS = 100
 # Run flags compare.py sets itself for every sub-run.
 CONTROLLED = {"strategy": "--strategies", "seed": "--seeds", "genotype": "the found networks",
               "export": "the retrainings (exported) and searches (not)",
-              "overwrite": "nothing: sub-runs resume", "verbose": "the sub-runs' logs"}
+              "overwrite": "nothing: sub-runs resume", "verbose": "the sub-runs' logs",
+              "final_probe_steps": f"the searches ({FINAL_PROBE_STEPS} steps)"}
 
 # Settings that belong to a method, given to its search runs after the flagfile and before
 # the run flags passed through (which win). SpiderNet: the paper's auxiliary weight, rounds
@@ -99,7 +107,9 @@ flags.DEFINE_integer("epochs", 0, "Epochs of every retraining (one fixed schedul
 flags.DEFINE_float("search_share", 0.4, "Share of the budget (after a small reserve) for the "
                    "search side: the search runs and the KerasTuner run.", flag_values=OWN)
 flags.DEFINE_float("search_fraction", 0.75, "Share of a search run's training time that "
-                   "searches (its own final training is not what is compared).",
+                   "searches; the rest would train its final network, which is only timed "
+                   f"({FINAL_PROBE_STEPS} steps): the time it does not use goes to the "
+                   "retrainings.",
                    flag_values=OWN)
 flags.DEFINE_integer("trial_epochs", 2, "Epochs of each KerasTuner trial.", flag_values=OWN)
 flags.DEFINE_integer("workers", 1, "Sub-runs at once. 1: one after the other in this process's "
@@ -497,6 +507,7 @@ class Comparison:
         searches = [(f"search-{strategy}-s{k}", SEARCH, self._common(strategy) + [
             f"--strategy={strategy}", f"--seed={k}", f"--time_budget_minutes={minutes}",
             f"--search_fraction={s['search_fraction']}", "--noexport",
+            f"--final_probe_steps={FINAL_PROBE_STEPS}",
             f"--output_dir={self._path(f'search-{strategy}-s{k}')}"], ["metrics.json"])
             for strategy, k in self.pairs()]
         tuner = ("tuner", TUNE, self._common() + [

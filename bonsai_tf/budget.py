@@ -59,6 +59,7 @@ class PhasePlan:
     # and the phase's step count then. The steps after it cover the rest of the way.
     anchor_within: float = 0.0
     anchor_step: int = 0
+    fixed: bool = False     # planned by fix_phase: not fitted to the time left
 
     def steps(self):
         return self.epochs * self.steps_per_epoch
@@ -109,6 +110,16 @@ class Plan:
                                 f"measured: {available} steps"})
         return self.phases[phase]
 
+    def fix_phase(self, phase, epoch, steps, step_seconds, why):
+        """Plans `phase` as one epoch of `steps` steps, whatever the time left: a final
+        network that is only timed (RunConfig.final_probe_steps). `replan` leaves it."""
+        self.phases[phase] = PhasePlan(1, max(1, int(steps)), max(step_seconds, 1e-6),
+                                       steps * step_seconds, epoch, fixed=True)
+        self.log.append({"epoch": epoch, "phase": phase, "epochs": 1,
+                         "steps_per_epoch": max(1, int(steps)),
+                         "step_seconds": round(step_seconds, 4), "why": why})
+        return self.phases[phase]
+
     def epoch_done(self, phase, epoch_seconds, steps, step_seconds, first_step_seconds):
         """Notes what an epoch of `phase` took: its steps' rate and the rest."""
         p = self.phases[phase]
@@ -130,6 +141,8 @@ class Plan:
         remains, so timing noise does not stretch the schedule back and forth.
         """
         p = self.phases[phase]
+        if p.fixed:
+            return False
         each = p.epoch_seconds()
         fit = max(0, int(seconds_left / max(each, 1e-6)))
         remaining = p.epochs - epochs_done

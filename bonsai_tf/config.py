@@ -166,6 +166,11 @@ class RunConfig:
     distribute: str = "none"
     devices: int = 0
     steps_per_epoch: int = 0       # 0 = one pass over the training data
+    # > 0: once the search ends, the final network is only timed, over one epoch of at
+    # most this many steps, and the run finishes: for search runs whose found network is
+    # trained elsewhere (bench/compare.py retrains it from scratch), which would otherwise
+    # spend the rest of their budget training a network nobody uses.
+    final_probe_steps: int = 0
     measure_memory: bool = True
 
     def __post_init__(self):
@@ -177,7 +182,7 @@ class RunConfig:
                 "cycle_len", "settle_epochs", "seed", "steps_per_epoch", "bayes_hessian_batches",
                 "bayes_warmup_epochs", "proxyless_warmup_epochs", "reductions", "round_epochs",
                 "spider_rounds", "spider_candidates", "spider_ntk_batch", "spider_regions_batch",
-                "devices")
+                "devices", "final_probe_steps")
         for name in ints:
             check(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool),
                   name, "an integer")
@@ -264,6 +269,11 @@ class RunConfig:
         check(self.spider_ntk_batch >= 2, "spider_ntk_batch", ">= 2")
         check(self.spider_regions_batch >= 1, "spider_regions_batch", ">= 1")
         check(self.steps_per_epoch >= 0, "steps_per_epoch", ">= 0")
+        check(self.final_probe_steps >= 0, "final_probe_steps",
+              ">= 0 (0 = train the final network fully)")
+        check(not (self.final_probe_steps and self.strategy not in SEARCHING),
+              "final_probe_steps", f"0 with strategy={self.strategy} (it trains only a final "
+              f"network: there is no search to stop after)")
         check(self.seed >= 0, "seed", ">= 0")
         check(self.init_weight > 0, "init_weight", "> 0 (gates start open)")
         check(len(self.image_size) in (0, 2) and all(isinstance(v, int) and v > 0

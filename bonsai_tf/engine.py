@@ -452,8 +452,14 @@ class Run:
             log.debug("checkpoint written in %.1f s", time.time() - saving)
         return self._finish()
 
+    def _probing(self):
+        """Whether the final network is only timed, not trained (final_probe_steps)."""
+        return self.cfg.final_probe_steps > 0 and self.state.phase == "final"
+
     def _done(self):
         st = self.state
+        if self._probing() and not self.budgeted:
+            return st.phase_epochs >= 1
         if not self.budgeted:
             return st.epoch >= self.total_epochs
         p = self.plan.phases.get("final")
@@ -588,6 +594,8 @@ class Run:
         val_batches = self._val_batches(epoch) if arch_on else None
         plan = self.plan.phases.get(st.phase) if self.budgeted else None
         limit = plan.steps_per_epoch if plan is not None else None
+        if self._probing():
+            limit = min(limit or self.cfg.final_probe_steps, self.cfg.final_probe_steps)
         probe_from, epoch_started, step_times = None, time.time(), []
         total = {"loss": 0.0, "ce": 0.0, "compression_loss": 0.0, "correct": 0.0}
         seen = steps = 0
@@ -747,8 +755,16 @@ class Run:
             if self.plan.reserve_for_finish(st.epoch, self._agree(self._val_seconds) / n_val,
                                             n_test, n_val):
                 log.info("plan: %s", self.plan.log[-1]["why"])
-        seconds = self.plan.phase_seconds(st.phase, self._agree(self._elapsed()))
         step_seconds = self._agree(step_seconds)
+        if self._probing():
+            steps = min(self.cfg.final_probe_steps, max(1, self._steps_per_epoch()))
+            self.plan.fix_phase("final", st.epoch, steps, step_seconds,
+                                f"the final network is only timed (final_probe_steps): one "
+                                f"epoch of {steps} steps at {step_seconds:.3f} s/step measured")
+            log.info("plan: %s", self.plan.log[-1]["why"])
+            self._write_plan()
+            return self.plan.phases["final"]
+        seconds = self.plan.phase_seconds(st.phase, self._agree(self._elapsed()))
         if st.phase == "search":
             seconds = max(0.0, seconds - st.search_seconds)
         plan = self.plan.plan_phase(st.phase, st.epoch, seconds, step_seconds,
@@ -795,7 +811,9 @@ class Run:
         self._compile()
         self._same_start()
         self._write_genotype()
-        return f"final network: {why}, {g.num_ops()} operations kept"
+        probe = (f"; only timed over {self.cfg.final_probe_steps} steps (final_probe_steps)"
+                 if self._probing() else "")
+        return f"final network: {why}, {g.num_ops()} operations kept{probe}"
 
     @_in_scope
     def _rebuild(self, genotype, node_maps=None):
@@ -935,6 +953,10 @@ class Run:
         metrics["examples"] = {k: int(len(getattr(self.splits, k)[1]))
                                for k in ("train", "val", "test")}
         metrics["wall_seconds"] = self._elapsed()  # the whole command so far, every process
+        if self.cfg.final_probe_steps:
+            # The test accuracy above is the found network's after its search and the
+            # probe, not a trained final network's.
+            metrics["final_probe_steps"] = self.cfg.final_probe_steps
         if self.budgeted:
             metrics["time_budget_seconds"] = self.plan.budget_seconds
             metrics["planned_epochs"] = {k: p.epochs for k, p in self.plan.phases.items()}

@@ -691,7 +691,10 @@ def _summary_rows(config, metrics, records):
         ("dataset", _fmt(config.get("dataset"))),
         ("strategy", _fmt(config.get("strategy"))),
         ("search space", _fmt(_first(config.get("space"), metrics.get("space")))),
-        ("test accuracy", _fmt(_number(metrics.get("test_accuracy")))),
+        ("test accuracy", _fmt(_number(metrics.get("test_accuracy")))
+         + (f" (the found network after its search and {int(metrics['final_probe_steps'])} "
+            f"timing steps: --final_probe_steps, not a trained final network)"
+            if metrics.get("final_probe_steps") else "")),
         ("best val accuracy",
          f"{_fmt(best[0])} (epoch {int(best[1])})" if best else "–"),
         ("params", _fmt(_first(metrics.get("params"), _last_value(records, "params")))),

@@ -232,3 +232,52 @@ def test_a_resumed_run_keeps_its_plan(tiny_splits, tmp_path, small_reserve, monk
     assert after["phases"]["search"]["epochs"] == before["phases"]["search"]["epochs"]
     # The budget counts both processes.
     assert metrics["wall_seconds"] <= 60 * 0.4 + 2 * TOLERANCE_SECONDS
+
+
+# ---- a final network that is only timed (final_probe_steps, bench/compare.py's searches) ----
+
+def test_a_fixed_phase_is_one_epoch_that_replanning_leaves_alone():
+    plan = budget.new_plan(1200.0, 0.3, startup_seconds=5.0)
+    p = plan.fix_phase("final", 7, 100, 0.05, "timed only")
+    assert (p.epochs, p.steps_per_epoch, p.start_epoch) == (1, 100, 7)
+    plan.epoch_done("final", 9.0, 100, 0.05, 1.0)
+    # However much or little time is left, it stays one epoch.
+    assert not plan.replan("final", 0, 1000.0) and not plan.replan("final", 0, 0.5)
+    assert plan.phases["final"].epochs == 1
+    again = budget.Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again == plan and again.phases["final"].fixed
+
+
+@pytest.mark.parametrize("minutes", [0.0, 0.3])
+def test_a_probed_final_network_is_timed_over_its_steps_and_the_run_ends(
+        tiny_splits, tmp_path, small_reserve, minutes):
+    from bonsai_tf import comparison
+    extra = dict(epochs=8, search_epochs=2) if not minutes else {}
+    cfg = config_lib.RunConfig(**{**TINY, "max_patterns": 2, "final_probe_steps": 2},
+                               time_budget_minutes=minutes, **extra)
+    metrics = engine.Run(cfg, tiny_splits, str(tmp_path), verbose=0).run()
+    records = rd.read_metrics(str(tmp_path / "metrics.jsonl"))
+    final = [r for r in records if r["phase"] == "final"]
+    # The epoch that ended the search (its record already reads "final"), then the probe.
+    assert any(str(e).startswith("final network") and "only timed over 2 steps" in e
+               for e in final[0]["events"])
+    assert len(final) == 2 and final[1]["steps"] == 2
+    assert metrics["final_probe_steps"] == 2 and metrics["epochs"] == len(records)
+    # What bench/compare.py plans its retrainings from.
+    speed = comparison.final_phase_speed(records)
+    assert speed is not None and speed["epochs"] == 1 and speed["step_seconds"] > 0
+    if minutes:
+        plan = json.loads((tmp_path / "plan.json").read_text())
+        assert plan["phases"]["final"]["epochs"] == 1 and plan["phases"]["final"]["fixed"]
+        # The budget was not spent training a network nobody uses.
+        assert metrics["wall_seconds"] < 0.8 * 60 * minutes
+    from bonsai_tf import report as report_lib
+    report_lib.write_report(str(tmp_path))
+    report = (tmp_path / "report.md").read_text()
+    assert "2 timing steps" in report and "not a trained final network" in report
+
+
+def test_a_probe_needs_a_search():
+    with pytest.raises(config_lib.ConfigError, match="final_probe_steps = 5; expected 0 with "
+                                                      "strategy=fixed"):
+        config_lib.RunConfig(strategy="fixed", genotype="g.json", final_probe_steps=5)

@@ -301,6 +301,8 @@ def test_compare_runs_every_step_and_reports_every_row(flagfile, tmp_path):
     split, plan = state["split"], state["epochs_plan"]
     for c in searches:
         assert "--noexport" in c["args"] and c["search_fraction"] == "0.75"
+        # Their final networks are retrained here: the searches only time them.
+        assert c["final_probe_steps"] == str(compare.FINAL_PROBE_STEPS)
         assert float(c["time_budget_minutes"]) == pytest.approx(
             split["search_run_seconds"] / 60, abs=1e-4)
         assert c["output_dir"].startswith(out)

@@ -163,6 +163,10 @@ flags.DEFINE_enum("distribute", D.distribute, list(config_lib.DISTRIBUTE), "tf.d
 flags.DEFINE_integer("devices", D.devices, "With --distribute=mirrored: logical CPU devices "
                      "to split a GPU-less machine into (0: 2), or that many GPUs (0: all).")
 flags.DEFINE_integer("steps_per_epoch", D.steps_per_epoch, "Cap on steps per epoch (0: all).")
+flags.DEFINE_integer("final_probe_steps", D.final_probe_steps, "N > 0: once the search ends, "
+                     "only time the final network over one epoch of at most N steps, then "
+                     "finish (for a search whose network is retrained elsewhere, as "
+                     "bench/compare.py does). 0: train the final network fully.")
 flags.DEFINE_bool("measure_memory", D.measure_memory, "Measure allocator peak memory.")
 FLAGS = flags.FLAGS
 
