@@ -13,8 +13,9 @@ scripts in a subprocess:
                    leaving the rest of its share to the retrainings. A method's own
                    settings (METHOD_FLAGS) come between
                    the flagfile and the flags passed through.
-  2. tuner         train/tune.py: a KerasTuner random search over the same operation
-                   space, as much wall-clock as one strategy's searches together.
+  2. tuner         train/tune.py, after the searches: a KerasTuner random search over
+                   the same operation space, as much wall-clock as the costliest
+                   strategy's searches took together (at most their shares).
   3. retrain-S-sK  every found network trained from scratch for E epochs
                    (train/train.py --strategy=fixed), the same schedule for every row;
      random-S-sK   a random network matched to it (train/train.py --strategy=random:
@@ -105,7 +106,7 @@ flags.DEFINE_alias("minutes", "time_budget_minutes", flag_values=OWN)
 flags.DEFINE_integer("epochs", 0, "Epochs of every retraining (one fixed schedule); 0: "
                      "planned from the measured speed to fit the budget.", flag_values=OWN)
 flags.DEFINE_float("search_share", 0.4, "Share of the budget (after a small reserve) for the "
-                   "search side: the search runs and the KerasTuner run.", flag_values=OWN)
+                   "search side: the search runs, then the KerasTuner run.", flag_values=OWN)
 flags.DEFINE_float("search_fraction", 0.75, "Share of a search run's training time that "
                    "searches; the rest would train its final network, which is only timed "
                    f"({FINAL_PROBE_STEPS} steps): the time it does not use goes to the "
@@ -493,6 +494,7 @@ class Comparison:
         finished = False
         try:
             self._run_jobs(self._search_jobs(), "search side")
+            self._run_jobs([self._tuner_job()], "search side")
             self._cnn_genotype()
             self._plan()
             self._run_jobs(self._retrain_jobs(), "retrainings")
@@ -510,12 +512,25 @@ class Comparison:
             f"--final_probe_steps={FINAL_PROBE_STEPS}",
             f"--output_dir={self._path(f'search-{strategy}-s{k}')}"], ["metrics.json"])
             for strategy, k in self.pairs()]
-        tuner = ("tuner", TUNE, self._common() + [
-            "--seed=0", f"--time_budget_minutes={round(split['tuner_seconds'] / 60.0, 4)}",
+        return searches
+
+    def _tuner_job(self):
+        """The KerasTuner run, after the searches: as much wall-clock as the costliest
+        strategy's searches took (comparison.tuner_seconds_for), fixed once in
+        compare.json so that a rerun resumes it with the same budget."""
+        s, state = self.settings, self.state
+        if state.get("tuner_seconds") is None:
+            took = {}
+            for strategy, k in self.pairs():
+                entry = state["runs"].get(f"search-{strategy}-s{k}", {})
+                took.setdefault(strategy, []).append(float(entry.get("wall_seconds") or 0.0))
+            state["tuner_seconds"], why = cmp.tuner_seconds_for(state["split"], took)
+            self._save()
+            log.info("tuner: %s", why)
+        return ("tuner", TUNE, self._common() + [
+            "--seed=0", f"--time_budget_minutes={round(state['tuner_seconds'] / 60.0, 4)}",
             f"--trial_epochs={s['trial_epochs']}", f"--output_dir={self._path('tuner')}"],
             ["metrics.json"])
-        # At once, the longest first (split_budget's schedule); in turn, as it always was.
-        return [tuner] + searches if self.pool_plan else searches + [tuner]
 
     def _retrain_jobs(self):
         retrain = ["metrics.json", "export.json"]

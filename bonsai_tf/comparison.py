@@ -18,6 +18,7 @@ from bonsai_tf import space as space_lib
 RESERVE_FRACTION = 0.03        # of the budget: timing the int8 models, the report, gaps
 RESERVE_MIN_SECONDS = 30.0
 SHORT_SEARCH_SECONDS = 120.0   # a search run given less has little beyond start-up and finish
+MIN_TUNER_SECONDS = 60.0       # a tuner given less has little beyond start-up and one trial
 
 
 def retrain_count(n_strategies, n_seeds):
@@ -40,14 +41,16 @@ def split_budget(total_seconds, n_strategies, n_seeds, search_share=0.4, workers
     """Splits the whole comparison's wall-clock up front; returns a JSON dict.
 
     A reserve is kept for the comparison's own work. Of the rest, `search_share`
-    goes to the search side: every strategy's `n_seeds` search runs and the
-    KerasTuner run, which gets as much as one strategy's searches together
-    (n_seeds search shares), so the tuner and each strategy cost the same. The
-    remainder is for the retrainings, whose epochs are planned from measured
-    speeds once the search side is done (plan_epochs).
+    goes to the search side: every strategy's `n_seeds` search runs, then the
+    KerasTuner run, allowed as much as one strategy's searches together (n_seeds
+    search shares; tuner_seconds) and given what the costliest strategy's searches
+    really took within that (tuner_seconds_for), so the tuner and each strategy cost
+    the same. The remainder, and whatever the search side did not use, is for the
+    retrainings, whose epochs are planned from measured speeds once the search side
+    is done (plan_epochs).
 
     With `workers` sub-runs at once, a share is as long as lets the search side's
-    schedule (the tuner first, then the searches) end within its part of the wall-clock.
+    schedule (the searches, then the tuner alone) end within its part of the wall-clock.
     """
     if not total_seconds > 0:
         raise ValueError(f"total_seconds = {total_seconds}; expected > 0")
@@ -59,16 +62,18 @@ def split_budget(total_seconds, n_strategies, n_seeds, search_share=0.4, workers
     usable = total_seconds - reserve
     search_side = search_share * usable
     shares = (n_strategies + 1) * n_seeds
-    # In shares: the tuner's n_seeds, then every search's one, as the queue hands them out.
-    span = makespan([n_seeds] + [1] * (n_strategies * n_seeds), workers)
+    # In shares: every search's one, as the queue hands them out, then the tuner's n_seeds
+    # (it runs after them: its time is matched to what theirs was).
+    span = makespan([1] * (n_strategies * n_seeds), workers) + n_seeds
     each = search_side / span
     retrain = usable - search_side
     why = [f"{total_seconds:.0f} s in all: {reserve:.0f} s kept for timing the int8 models, "
            f"the report and the gaps between sub-runs",
            f"{search_share:.0%} of the remaining {usable:.0f} s to the search side: "
            f"{n_strategies} {'strategy' if n_strategies == 1 else 'strategies'} x "
-           f"{_n(n_seeds, 'seed')} search runs and the KerasTuner run, which gets as much as "
-           f"one strategy's {_n(n_seeds, 'search')} together, so {shares} shares of {each:.0f} s"
+           f"{_n(n_seeds, 'seed')} search runs, then the KerasTuner run, which gets what one "
+           f"strategy's {_n(n_seeds, 'search')} took together (at most theirs), so {shares} "
+           f"shares of {each:.0f} s"
            + (f", {workers} at once (the schedule ends after {_n(round(span), 'share')})"
               if workers > 1 else ""),
            f"the other {retrain:.0f} s to the {retrain_count(n_strategies, n_seeds)} "
@@ -81,6 +86,27 @@ def split_budget(total_seconds, n_strategies, n_seeds, search_share=0.4, workers
             "search_runs": n_strategies * n_seeds, "tuner_seconds": n_seeds * each,
             "retrain_seconds": retrain, "retrain_runs": retrain_count(n_strategies, n_seeds),
             "workers": workers, "why": why}
+
+
+def tuner_seconds_for(split, search_seconds):
+    """The KerasTuner run's wall-clock: what the costliest strategy's searches took
+    together, within its allowance (split["tuner_seconds"]), and not under
+    MIN_TUNER_SECONDS where the allowance holds that much.
+
+    search_seconds: {strategy: [wall seconds of each of its search runs]}. Searches
+    that settle early (the quick flagfile's BonsaiNet searches used about 100 of 466
+    s: cmp16d) would otherwise leave the tuner several times their compute. Returns
+    (seconds, why).
+    """
+    allowance = float(split["tuner_seconds"])
+    took = {s: float(sum(v)) for s, v in search_seconds.items() if v}
+    if not took:
+        return allowance, f"{allowance:.0f} s: no search run timed, its whole allowance"
+    strategy = max(took, key=took.get)
+    seconds = min(allowance, max(took[strategy], MIN_TUNER_SECONDS))
+    return seconds, (f"{seconds:.0f} s: {strategy}'s {len(search_seconds[strategy])} searches "
+                     f"took {took[strategy]:.0f} s together (allowance {allowance:.0f} s"
+                     f"{f', at least {MIN_TUNER_SECONDS:.0f} s' if took[strategy] < MIN_TUNER_SECONDS <= allowance else ''})")
 
 
 # ---- planning the retraining epochs ------------------------------------------------------------

@@ -34,14 +34,31 @@ def test_split_budget_with_workers_lengthens_every_share_to_fill_the_search_side
     one = cmp.split_budget(3600, 4, 3, 0.4)
     two = cmp.split_budget(3600, 4, 3, 0.4, workers=2)
     search_side = 0.4 * (3600 - one["reserve_seconds"])
-    # 4 x 3 searches of one share and a tuner of 3: 15 shares in turn, 8 on two workers
-    # (the tuner's 3 and 5 searches | 7 searches).
+    # 4 x 3 searches of one share, then a tuner of 3: 15 shares in turn; on two workers
+    # the searches take 6 (6 | 6), then the tuner 3 more on one of them.
     assert one["search_run_seconds"] == pytest.approx(search_side / 15)
-    assert two["search_run_seconds"] == pytest.approx(search_side / 8)
+    assert two["search_run_seconds"] == pytest.approx(search_side / 9)
     assert two["tuner_seconds"] == pytest.approx(3 * two["search_run_seconds"])
     assert two["workers"] == 2 and any("2 at once" in w for w in two["why"])
-    assert cmp.makespan([two["tuner_seconds"]] + [two["search_run_seconds"]] * 12, 2) == \
+    assert cmp.makespan([two["search_run_seconds"]] * 12, 2) + two["tuner_seconds"] == \
         pytest.approx(search_side)
+
+
+def test_the_tuner_gets_what_the_costliest_strategys_searches_took_within_its_allowance():
+    split = cmp.split_budget(3600, 2, 3, 0.4)
+    allowance = split["tuner_seconds"]
+    seconds, why = cmp.tuner_seconds_for(split, {"bonsai": [80.0, 90.0, 70.0],
+                                                 "asap": [100.0, 110.0, 120.0]})
+    assert seconds == pytest.approx(330.0) and seconds < allowance
+    assert "asap's 3 searches took 330 s" in why
+    # Searches that ran to their shares leave it its whole allowance, never more.
+    full = [split["search_run_seconds"] + 30.0] * 3
+    assert cmp.tuner_seconds_for(split, {"bonsai": full})[0] == pytest.approx(allowance)
+    # Nor less than a trial's worth where the allowance holds it; nothing timed: all of it.
+    assert cmp.tuner_seconds_for(split, {"bonsai": [5.0]})[0] == cmp.MIN_TUNER_SECONDS
+    assert cmp.tuner_seconds_for(split, {})[0] == pytest.approx(allowance)
+    small = cmp.split_budget(60, 1, 1, 0.4)
+    assert cmp.tuner_seconds_for(small, {"bonsai": [1.0]})[0] == small["tuner_seconds"]
 
 
 def test_plan_epochs_with_workers_fits_the_schedule_not_the_sum():
