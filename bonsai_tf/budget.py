@@ -113,10 +113,10 @@ class Plan:
     def fix_phase(self, phase, epoch, steps, step_seconds, why):
         """Plans `phase` as one epoch of `steps` steps, whatever the time left: a final
         network that is only timed (RunConfig.final_probe_steps). `replan` leaves it."""
-        self.phases[phase] = PhasePlan(1, max(1, int(steps)), max(step_seconds, 1e-6),
+        steps = max(1, int(steps))
+        self.phases[phase] = PhasePlan(1, steps, max(step_seconds, 1e-6),
                                        steps * step_seconds, epoch, fixed=True)
-        self.log.append({"epoch": epoch, "phase": phase, "epochs": 1,
-                         "steps_per_epoch": max(1, int(steps)),
+        self.log.append({"epoch": epoch, "phase": phase, "epochs": 1, "steps_per_epoch": steps,
                          "step_seconds": round(step_seconds, 4), "why": why})
         return self.phases[phase]
 

@@ -104,9 +104,10 @@ def tuner_seconds_for(split, search_seconds):
         return allowance, f"{allowance:.0f} s: no search run timed, its whole allowance"
     strategy = max(took, key=took.get)
     seconds = min(allowance, max(took[strategy], MIN_TUNER_SECONDS))
+    floored = took[strategy] < MIN_TUNER_SECONDS <= allowance
     return seconds, (f"{seconds:.0f} s: {strategy}'s {len(search_seconds[strategy])} searches "
                      f"took {took[strategy]:.0f} s together (allowance {allowance:.0f} s"
-                     f"{f', at least {MIN_TUNER_SECONDS:.0f} s' if took[strategy] < MIN_TUNER_SECONDS <= allowance else ''})")
+                     + (f", at least {MIN_TUNER_SECONDS:.0f} s" if floored else "") + ")")
 
 
 # ---- planning the retraining epochs ------------------------------------------------------------
