@@ -98,8 +98,11 @@ flags.DEFINE_string("output_dir", "", "Where everything goes; default runs/compa
 # flagfile names no latency target, so its search would run without its latency term.
 flags.DEFINE_list("strategies", ["bonsai", "asap", "bayes", "spider"], "Search strategies to compare "
                   f"(any of {', '.join(config_lib.SEARCHING)}).", flag_values=OWN)
-flags.DEFINE_integer("seeds", 3, "Seeds 0..K-1 of every search and of its retrainings.",
-                     flag_values=OWN)
+flags.DEFINE_integer("seeds", 3, "Seeds F..F+K-1 (F: --first_seed) of every search and of "
+                     "its retrainings.", flag_values=OWN)
+flags.DEFINE_integer("first_seed", 0, "The first of the seeds: another comparison with "
+                     "--first_seed=K draws new seeds, so that its paired differences add to "
+                     "this one's as independent ones (bench/pool_compare.py).", flag_values=OWN)
 flags.DEFINE_float("time_budget_minutes", 120.0, "Wall-clock budget of the whole comparison: "
                    "searches, tuner, retrainings, report.", flag_values=OWN)
 flags.DEFINE_alias("minutes", "time_budget_minutes", flag_values=OWN)
@@ -211,6 +214,7 @@ def parse(argv):
         raise UsageError(f"--strategies={','.join(OWN.strategies)}; expected distinct names "
                          f"among {','.join(config_lib.SEARCHING)}")
     checks = (("seeds", OWN.seeds >= 1, "an integer >= 1"),
+              ("first_seed", OWN.first_seed >= 0, "an integer >= 0"),
               ("time_budget_minutes", OWN.time_budget_minutes > 0, "minutes > 0 (the whole "
                "comparison's wall-clock)"),
               ("epochs", OWN.epochs >= 0, "an integer >= 0 (0: planned from the budget)"),
@@ -248,6 +252,9 @@ def parse(argv):
                 "dataset": dataset, "output_dir": output_dir,
                 "batch_size": cfgs[0].batch_size, "final_subset": cfgs[0].final_subset,
                 "steps_per_epoch": cfgs[0].steps_per_epoch}
+    if OWN.first_seed:
+        # Only when set: a comparison begun before the flag existed continues unchanged.
+        settings["first_seed"] = OWN.first_seed
     return settings, None
 
 
@@ -486,8 +493,12 @@ class Comparison:
             entry.update(status="skipped", error=why)
 
     # ---- the steps ------------------------------------------------------------------------------
+    def seeds(self):
+        first = self.settings.get("first_seed", 0)
+        return list(range(first, first + self.settings["seeds"]))
+
     def pairs(self):
-        return [(s, k) for k in range(self.settings["seeds"]) for s in self.settings["strategies"]]
+        return [(s, k) for k in self.seeds() for s in self.settings["strategies"]]
 
     def run(self):
         self._load()
@@ -528,7 +539,8 @@ class Comparison:
             self._save()
             log.info("tuner: %s", why)
         return ("tuner", TUNE, self._common() + [
-            "--seed=0", f"--time_budget_minutes={round(state['tuner_seconds'] / 60.0, 4)}",
+            f"--seed={self.seeds()[0]}",
+            f"--time_budget_minutes={round(state['tuner_seconds'] / 60.0, 4)}",
             f"--trial_epochs={s['trial_epochs']}", f"--output_dir={self._path('tuner')}"],
             ["metrics.json"])
 
@@ -550,7 +562,8 @@ class Comparison:
             if not os.path.exists(source):
                 self._skip(name, f"{what} has no genotype")
                 continue
-            jobs.append((name, TRAIN, self._retrain_args("fixed", source, 0, name), retrain))
+            jobs.append((name, TRAIN, self._retrain_args("fixed", source, self.seeds()[0], name),
+                         retrain))
         if self.pool_plan:
             # The longest first, by the plan's estimates (the schedule plan_epochs assumed).
             e = self.state["epochs_plan"]["epochs"]
@@ -715,13 +728,14 @@ class Comparison:
             found = f"{strategy} (found)"
             rand = f"random (matched to {strategy})"
             methods += [found, rand]
-            for k in range(s["seeds"]):
+            for k in self.seeds():
                 per_run.append(self._collect(f"retrain-{strategy}-s{k}", found, k,
                                              f"search-{strategy}-s{k}"))
                 per_run.append(self._collect(f"random-{strategy}-s{k}", rand, k))
         methods += ["keras-tuner best", "plain CNN"]
-        per_run.append(self._collect("retrain-tuner", "keras-tuner best", 0, "tuner"))
-        per_run.append(self._collect("retrain-cnn", "plain CNN", 0))
+        first = self.seeds()[0]
+        per_run.append(self._collect("retrain-tuner", "keras-tuner best", first, "tuner"))
+        per_run.append(self._collect("retrain-cnn", "plain CNN", first))
         rows = [cmp.summarize(m, [r for r in per_run if r["method"] == m]) for m in methods]
         verdicts = []
         for strategy in s["strategies"]:

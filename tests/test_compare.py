@@ -414,6 +414,7 @@ def test_bad_input_is_one_error_line_and_status_2(flagfile, tmp_path, capsys):
     out = str(tmp_path / "cmp")
     cases = [
         (["--seeds=0"], "--seeds=0; expected"),
+        (["--first_seed=-1"], "--first_seed=-1; expected an integer >= 0"),
         (["--strategies=bonsai,random"], "expected distinct names among bonsai,asap"),
         (["--strategy=asap"], "--strategy is set by compare.py"),
         (["--nosuchflag=1"], "unknown flag --nosuchflag"),
@@ -506,3 +507,27 @@ def test_a_methods_own_settings_reach_its_searches_only_and_yield_to_passed_flag
     assert spider["args"].index("--scale=8") < spider["args"].index("--round_epochs=3")
     for name in ("search-bonsai-s0", "retrain-spider-s0", "random-spider-s0"):
         assert "--scale=8" not in calls[name]["args"], name
+
+
+def test_first_seed_draws_new_seeds_for_every_run_and_row(flagfile, tmp_path):
+    compare = load_compare()
+    out = str(tmp_path / "cmp")
+    fake = FakeScripts()
+    assert compare.main(compare_argv(flagfile, out, "--seeds=2", "--first_seed=3",
+                                     "--strategies=bonsai"), launcher=fake) == 0
+    calls = {os.path.basename(c["output_dir"]): c for c in fake.calls}
+    assert sorted(calls) == ["random-bonsai-s3", "random-bonsai-s4", "retrain-bonsai-s3",
+                             "retrain-bonsai-s4", "retrain-cnn", "retrain-tuner",
+                             "search-bonsai-s3", "search-bonsai-s4", "tuner"]
+    for name, c in calls.items():
+        want = name[-1] if name[-1] in "34" else "3"   # tuner and CNN: the first seed
+        assert c["seed"] == want, name
+    state = rd.read_json(os.path.join(out, "compare.json"))
+    assert state["settings"]["first_seed"] == 3
+    found = [r for r in state["per_run"] if r["method"] == "bonsai (found)"]
+    assert [r["seed"] for r in found] == [3, 4]
+    # Without the flag the settings are those a comparison had before it existed.
+    out0 = str(tmp_path / "cmp0")
+    assert compare.main(compare_argv(flagfile, out0, "--seeds=1", "--strategies=bonsai"),
+                        launcher=FakeScripts()) == 0
+    assert "first_seed" not in rd.read_json(os.path.join(out0, "compare.json"))["settings"]
