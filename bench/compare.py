@@ -743,9 +743,15 @@ class Comparison:
                    for m in (f"{strategy} (found)", f"random (matched to {strategy})")}
             v = cmp.versus_random(acc[f"{strategy} (found)"],
                                   acc[f"random (matched to {strategy})"])
+            by_seed = {m: {r["seed"]: r.get("test_accuracy") for r in per_run
+                           if r["method"] == m}
+                       for m in (f"{strategy} (found)", f"random (matched to {strategy})")}
+            v["paired"] = cmp.paired_differences(by_seed[f"{strategy} (found)"],
+                                                 by_seed[f"random (matched to {strategy})"])
             v["strategy"] = strategy
             verdicts.append(v)
         self.state.update(rows=rows, per_run=per_run, verdicts=verdicts, rule=cmp.RULE,
+                          paired_rule=cmp.PAIRED,
                           latency_runs=self.latency_runs,
                           plots=["accuracy_vs_params.png", "accuracy_vs_seconds.png"])
         self._save()

@@ -276,6 +276,66 @@ def versus_random(search_accuracies, random_accuracies):
     return out
 
 
+# Two-sided 95% quantiles of Student's t by degrees of freedom (standard tables); above 30
+# the Cornish-Fisher term z + (z^3 + z) / (4 df), within 0.004 of the table from 31 on.
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t95(df):
+    """The two-sided 95% quantile of Student's t with `df` (>= 1) degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"df={df}; expected >= 1")
+    if df <= len(_T95):
+        return _T95[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4.0 * df)
+
+
+PAIRED = ("Paired by seed: a found network and the random network matched to it share their "
+          "seed (data order, augmentation, initialisation), so each seed gives one difference "
+          "found - random; the mean difference is shown with its 95% Student t interval over "
+          "the seeds. An interval above 0 says the search gains at this budget, one across 0 "
+          "that these seeds cannot tell.")
+
+
+def paired_differences(search_by_seed, random_by_seed):
+    """{"n", "seeds", "differences", "mean", "std", "ci95", "wins", "verdict"} of the seeds
+    with both a found and a random accuracy (dicts seed -> accuracy or None)."""
+    seeds = sorted(k for k in search_by_seed
+                   if _finite(search_by_seed[k]) and _finite(random_by_seed.get(k)))
+    diffs = [float(search_by_seed[k]) - float(random_by_seed[k]) for k in seeds]
+    stats = mean_std(diffs)
+    out = {"n": len(diffs), "seeds": seeds, "differences": diffs, "mean": stats["mean"],
+           "std": stats["std"], "wins": sum(d > 0 for d in diffs), "ci95": None}
+    if stats["std"] is None:
+        out["verdict"] = "undetermined"
+        return out
+    half = t95(len(diffs) - 1) * stats["std"] / math.sqrt(len(diffs))
+    lo, hi = stats["mean"] - half, stats["mean"] + half
+    out["ci95"] = [lo, hi]
+    out["verdict"] = "gains" if lo > 0 else "loses" if hi < 0 else "cannot tell"
+    return out
+
+
+def _finite(v):
+    return v is not None and math.isfinite(float(v))
+
+
+def paired_line(p):
+    """One sentence of a paired_differences dict, in points."""
+    if p["n"] == 0:
+        return "no seed has both a found and a random network"
+    mean = f"{100 * p['mean']:+.2f} points over {p['n']} seed(s), found higher for {p['wins']}"
+    if p["ci95"] is None:
+        return f"{mean} (one seed: no interval)"
+    lo, hi = p["ci95"]
+    what = {"gains": "above 0: the search gains", "loses": "below 0: the search loses",
+            "cannot tell": "across 0: these seeds cannot tell"}[p["verdict"]]
+    return f"{mean}; 95% interval [{100 * lo:+.2f}, {100 * hi:+.2f}], {what}"
+
+
 def summarize(method, runs):
     """One row of the table: means over the method's finished runs (one per seed)."""
     done = [r for r in runs if r.get("test_accuracy") is not None]
@@ -327,11 +387,12 @@ def _eng(v):
 def markdown(result):
     """compare.md from the compare.json dict."""
     s, split, plan = result["settings"], result["split"], result.get("epochs_plan") or {}
+    first = s.get("first_seed", 0)
     lines = ["# Is the search worth it on this data?", "",
              f"Command: `{' '.join(result.get('command') or [])}`", "",
              f"Dataset `{s.get('dataset')}`, configuration `{s['flagfile']}`"
              + (f" with `{' '.join(s['passthrough'])}`" if s["passthrough"] else "")
-             + f"; strategies {', '.join(s['strategies'])}; seeds 0..{s['seeds'] - 1}; every "
+             + f"; strategies {', '.join(s['strategies'])}; seeds {first}..{first + s['seeds'] - 1}; every "
              f"retraining {plan.get('epochs', '?')} epoch(s) from scratch with the same schedule "
              f"(`train/train.py --strategy=fixed` / `--strategy=random`).", "",
              "## Verdict", ""]
@@ -348,7 +409,9 @@ def markdown(result):
                                  "seed spread",
                 "undetermined": "cannot be judged"}[verdict]
         lines.append(f"- **{name}** {text} ({fig}; {v['why']}).")
-    lines += ["", f"Rule: {RULE}", "", "## Results", "",
+        if v.get("paired"):
+            lines.append(f"  Paired by seed, found - random: {paired_line(v['paired'])}.")
+    lines += ["", f"Rule: {RULE}", "", PAIRED, "", "## Results", "",
               "| method | runs | test accuracy | parameters | FLOPs | training memory MB "
               "(predicted / measured) | int8 latency ms, batch 1 | search s | total s |",
               "|---|---|---|---|---|---|---|---|---|"]

@@ -39,7 +39,9 @@ NOT_RUN = ("bash scripts/", "source ",
            "tensorboard ", "pip ",
            # A comparison is minutes even on tiny data; tests/test_compare.py runs this
            # script end to end (every row, a kill and a resume) on generated images.
-           "python bench/compare.py")
+           "python bench/compare.py",
+           # It reads finished comparisons; tests/test_pool_compare.py runs it on some.
+           "python bench/pool_compare.py")
 
 
 def readme_commands():
