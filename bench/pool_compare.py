@@ -28,7 +28,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from bonsai_tf import cli  # noqa: E402
 from bonsai_tf import comparison as cmp  # noqa: E402
@@ -172,6 +172,10 @@ def _pct(v):
 
 def main(argv):
     """Exit status: 0, or 2 after one `error:` line for bad input."""
+    kind = cli.help_requested(argv)
+    if kind:
+        cli.print_help(FLAGS, "full", doc=__doc__)
+        return 0
     FLAGS.unparse_flags()   # called again in one process (tests), it starts from the defaults
     argv, status = cli.parse_argv(FLAGS, argv, positional=True)
     if status is not None:
@@ -191,4 +195,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.flags_parser(FLAGS))
+    sys.exit(main(sys.argv))

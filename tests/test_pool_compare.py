@@ -117,3 +117,24 @@ def test_pool_refuses_what_would_not_measure_one_thing(flagfile, tmp_path, capsy
     assert pool.main(["pool_compare.py", a, a, "--allow_repeated_seeds"]) == 0
     out = capsys.readouterr().out
     assert "+10.00 points over 4 seed(s)" in out and "not independent" in out
+
+
+def test_pool_compare_runs_as_a_script(flagfile, tmp_path):
+    """As the README types it: the script's own entry point, its help and a bad flag."""
+    import subprocess
+    import sys
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _comparison(flagfile, a, "--seeds=2")
+    _comparison(flagfile, b, "--seeds=2", "--first_seed=2")
+    script = os.path.join(ROOT, "bench", "pool_compare.py")
+
+    def run(*args):
+        return subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                              timeout=300)
+    done = run(a, b)
+    assert done.returncode == 0, done.stderr
+    assert "+10.00 points over 4 seed(s)" in done.stdout
+    helped = run("--help")
+    assert helped.returncode == 0 and "--allow_repeated_seeds" in helped.stdout
+    bad = run("--nosuch", a)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ")
