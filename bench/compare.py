@@ -739,15 +739,10 @@ class Comparison:
         rows = [cmp.summarize(m, [r for r in per_run if r["method"] == m]) for m in methods]
         verdicts = []
         for strategy in s["strategies"]:
-            acc = {m: [r.get("test_accuracy") for r in per_run if r["method"] == m]
-                   for m in (f"{strategy} (found)", f"random (matched to {strategy})")}
-            v = cmp.versus_random(acc[f"{strategy} (found)"],
-                                  acc[f"random (matched to {strategy})"])
-            by_seed = {m: {r["seed"]: r.get("test_accuracy") for r in per_run
-                           if r["method"] == m}
-                       for m in (f"{strategy} (found)", f"random (matched to {strategy})")}
-            v["paired"] = cmp.paired_differences(by_seed[f"{strategy} (found)"],
-                                                 by_seed[f"random (matched to {strategy})"])
+            found = cmp.accuracies_by_seed(per_run, f"{strategy} (found)")
+            rand = cmp.accuracies_by_seed(per_run, f"random (matched to {strategy})")
+            v = cmp.versus_random(list(found.values()), list(rand.values()))
+            v["paired"] = cmp.paired_differences(found, rand)
             v["strategy"] = strategy
             verdicts.append(v)
         self.state.update(rows=rows, per_run=per_run, verdicts=verdicts, rule=cmp.RULE,

@@ -122,8 +122,7 @@ def pool(directories, allow_repeated_seeds=False):
         found_m, rand_m = f"{strategy} (found)", f"random (matched to {strategy})"
         pairs, seen = [], {}
         for d, _, per_run, _ in loaded:
-            acc = {m: {r["seed"]: r.get("test_accuracy") for r in per_run if r["method"] == m}
-                   for m in (found_m, rand_m)}
+            acc = {m: cmp.accuracies_by_seed(per_run, m) for m in (found_m, rand_m)}
             for seed in sorted(acc[found_m]):
                 if seed in seen and not allow_repeated_seeds:
                     raise PoolError(f"seed {seed} is in both {seen[seed]} and {d}: its pairs "

@@ -300,6 +300,11 @@ PAIRED = ("Paired by seed: a found network and the random network matched to it 
           "that these seeds cannot tell.")
 
 
+def accuracies_by_seed(per_run, method):
+    """{seed: test accuracy or None} of `method`'s rows in a comparison's per-run table."""
+    return {r["seed"]: r.get("test_accuracy") for r in per_run if r["method"] == method}
+
+
 def paired_differences(search_by_seed, random_by_seed):
     """{"n", "seeds", "differences", "mean", "std", "ci95", "wins", "verdict"} of the seeds
     with both a found and a random accuracy (dicts seed -> accuracy or None)."""
@@ -392,8 +397,9 @@ def markdown(result):
              f"Command: `{' '.join(result.get('command') or [])}`", "",
              f"Dataset `{s.get('dataset')}`, configuration `{s['flagfile']}`"
              + (f" with `{' '.join(s['passthrough'])}`" if s["passthrough"] else "")
-             + f"; strategies {', '.join(s['strategies'])}; seeds {first}..{first + s['seeds'] - 1}; every "
-             f"retraining {plan.get('epochs', '?')} epoch(s) from scratch with the same schedule "
+             + f"; strategies {', '.join(s['strategies'])}; seeds "
+             f"{first}..{first + s['seeds'] - 1}; every retraining {plan.get('epochs', '?')} "
+             f"epoch(s) from scratch with the same schedule "
              f"(`train/train.py --strategy=fixed` / `--strategy=random`).", "",
              "## Verdict", ""]
     for v in result.get("verdicts", []):
