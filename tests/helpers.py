@@ -5,6 +5,16 @@ import os
 import numpy as np
 
 
+def load_script(name, path):
+    """The script at `path` imported as module `name` (scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_folder(path, classes=3, per_class=40, size=12, seed=0, rgb=False):
     """class k = a bright quadrant k on noise; rgb: R = G = that, B = 0 (a constant channel)."""
     from PIL import Image

@@ -21,6 +21,7 @@ from bonsai_tf import export  # noqa: E402
 from bonsai_tf import genotype as genotype_lib  # noqa: E402
 from bonsai_tf import network  # noqa: E402
 from bonsai_tf import run_dir as rd  # noqa: E402
+from helpers import load_script  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (12, 12, 1)
@@ -328,15 +329,6 @@ def test_predict_rejects_bad_input(exported, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ") and what in lines[0], proc.stderr
 
 
-def _load_script(name, path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cli_exports_a_run_from_its_config(exported, tmp_path, capsys):
     # A folder data set: export reloads it from config.json, as after a real run.
     rng = np.random.default_rng(1)
@@ -352,7 +344,7 @@ def test_cli_exports_a_run_from_its_config(exported, tmp_path, capsys):
         (run / name).write_bytes(open(os.path.join(exported["run"], name), "rb").read())
     rd.write_json(str(run / "config.json"), {"dataset": f"folder:{root}", "data_dir": "",
                                              "val_size": 4, "seed": 0, "image_size": []})
-    cli = _load_script("export_cli", os.path.join(REPO, "export", "export.py"))
+    cli = load_script("export_cli", os.path.join(REPO, "export", "export.py"))
     status = cli.main(["export.py", f"--run_dir={run}", "--representative_count=8"])
     captured = capsys.readouterr()
     out = captured.out

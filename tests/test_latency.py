@@ -5,7 +5,6 @@ bookkeeping is tested with the measurements replaced by counters.
 """
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -15,6 +14,7 @@ import pytest
 from bonsai_tf import genotype as G
 from bonsai_tf import latency
 from bonsai_tf import space as S
+from helpers import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = S.space_ops("small")
@@ -333,11 +333,7 @@ def test_bad_tables_and_genotypes_are_refused(tmp_path):
 
 # ---- the command --------------------------------------------------------------------------
 def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "latency_table_script", os.path.join(ROOT, "bench", "latency_table.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("latency_table_script", os.path.join(ROOT, "bench", "latency_table.py"))
 
 
 def test_latency_table_command_builds_prints_and_writes(tmp_path, monkeypatch, capsys):

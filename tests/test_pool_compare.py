@@ -1,7 +1,6 @@
 """Paired found-vs-random statistics (comparison.paired_differences) and their pooling over
 comparisons of other seeds (bench/pool_compare.py), on compare.py runs with faked sub-runs."""
 
-import importlib.util
 import json
 import os
 
@@ -9,6 +8,7 @@ import pytest
 
 from bonsai_tf import comparison as cmp
 from bonsai_tf import run_dir as rd
+from helpers import load_script
 from compare_fixtures import RUNS, compare_argv, flagfile, load_compare  # noqa: F401
 from test_compare import FakeScripts
 
@@ -16,11 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_pool():
-    spec = importlib.util.spec_from_file_location(
-        "pool_compare", os.path.join(ROOT, "bench", "pool_compare.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("pool_compare", os.path.join(ROOT, "bench", "pool_compare.py"))
 
 
 def test_t95_matches_the_table_and_its_large_sample_limit():
