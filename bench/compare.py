@@ -255,6 +255,10 @@ def parse(argv):
     if OWN.first_seed:
         # Only when set: a comparison begun before the flag existed continues unchanged.
         settings["first_seed"] = OWN.first_seed
+    if cfgs[0].final_with_val:
+        # Only when set, as first_seed: the retrainings then also train on the validation
+        # examples, which the epoch plan counts.
+        settings["final_with_val"] = True
     return settings, None
 
 
@@ -661,7 +665,7 @@ class Comparison:
             raise UsageError("cannot plan the retraining epochs: no search run finished with a "
                              "measured final network; expected --epochs=N to be given")
         n_train, n_val, n_test = sizes
-        n = min(n_train, s["final_subset"] or n_train)
+        n = min(n_train, s["final_subset"] or n_train) + (n_val if s.get("final_with_val") else 0)
         full_steps = max(1, n // s["batch_size"])
         if s["steps_per_epoch"]:
             full_steps = min(full_steps, s["steps_per_epoch"])

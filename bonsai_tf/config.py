@@ -82,6 +82,10 @@ class RunConfig:
     val_size: int = 5000           # a count, or a float in (0, 1): that fraction of the train split
     train_subset: int = 0          # 0 = all; searches may use a subset
     final_subset: int = 0          # 0 = all training data for the final network
+    # The final network also trains on the validation examples (the DARTS protocol's final
+    # training on the whole training split); its epochs are then not validated. The search
+    # still validates on them, and the test split stays unseen until the end.
+    final_with_val: bool = False
     image_size: tuple = ()         # folder datasets: resize to (h, w)
     augment: str = ""              # "" = the dataset's default policy
     # search space
@@ -274,6 +278,9 @@ class RunConfig:
         check(not (self.final_probe_steps and self.strategy not in SEARCHING),
               "final_probe_steps", f"0 with strategy={self.strategy} (it trains only a final "
               f"network: there is no search to stop after)")
+        check(isinstance(self.final_with_val, bool), "final_with_val", "True or False")
+        check(not (self.final_with_val and self.val_size == 0), "final_with_val",
+              "False with val_size=0 (no examples are held out to add to the final training)")
         check(self.seed >= 0, "seed", ">= 0")
         check(self.init_weight > 0, "init_weight", "> 0 (gates start open)")
         check(len(self.image_size) in (0, 2) and all(isinstance(v, int) and v > 0

@@ -416,7 +416,7 @@ class Run:
             # Validate the network that was trained this epoch, before any structural
             # change: a grown network's new head has not been trained yet.
             val_started = time.time()
-            val = self.evaluate(*self.splits.val) if len(self.splits.val[1]) else {}
+            val = self.evaluate(*self.splits.val) if self._validates() else {}
             self._val_seconds = time.time() - val_started
             phase = st.phase
             if phase == "search":
@@ -546,13 +546,42 @@ class Run:
         got = self._largest(tf.constant(buf)).numpy().astype(np.uint8)
         return json.loads(got.tobytes().rstrip(b"\0").decode())
 
-    def _dataset(self, epoch):
-        from bonsai_tf import data as data_lib
+    def _phase_examples(self):
+        """(images, labels) the current phase trains on: the training split, or its first
+        train_subset / final_subset examples (data.load_dataset already shuffled them,
+        seeded), and with final_with_val the validation examples after them."""
         cfg, st = self.cfg, self.state
         x, y = self.splits.train
         subset = cfg.train_subset if st.phase == "search" else cfg.final_subset
         if subset and subset < len(x):
-            x, y = x[:subset], y[:subset]  # data.load_dataset already shuffled (seeded)
+            x, y = x[:subset], y[:subset]
+        if st.phase == "final" and cfg.final_with_val:
+            vx, vy = self.splits.val
+            x, y = np.concatenate([x, vx]), np.concatenate([y, vy])
+        return x, y
+
+    def _phase_count(self):
+        """len(self._phase_examples()[1]) without copying any image."""
+        cfg, st = self.cfg, self.state
+        n = len(self.splits.train[1])
+        subset = cfg.train_subset if st.phase == "search" else cfg.final_subset
+        if subset:
+            n = min(n, subset)
+        if st.phase == "final" and cfg.final_with_val:
+            n += len(self.splits.val[1])
+        return n
+
+    def _validates(self):
+        """Whether this epoch ends with a validation pass: not when the final network
+        trains on the validation examples, whose accuracy would then be a training one."""
+        if not len(self.splits.val[1]):
+            return False
+        return not (self.state.phase == "final" and self.cfg.final_with_val)
+
+    def _dataset(self, epoch):
+        from bonsai_tf import data as data_lib
+        cfg = self.cfg
+        x, y = self._phase_examples()
         ds = data_lib.make_dataset(x, y, batch_size=cfg.batch_size, training=True,
                                    augment=self.augment, seed=cfg.seed * 100003 + epoch,
                                    drop_remainder=True)
@@ -661,12 +690,8 @@ class Run:
                 else (step_times[0] if step_times else 0.0)}
 
     def _steps_per_epoch(self):
-        cfg, st = self.cfg, self.state
-        n = len(self.splits.train[1])
-        subset = cfg.train_subset if st.phase == "search" else cfg.final_subset
-        if subset:
-            n = min(n, subset)
-        steps = n // cfg.batch_size
+        cfg = self.cfg
+        steps = self._phase_count() // cfg.batch_size
         return min(steps, cfg.steps_per_epoch) if cfg.steps_per_epoch else steps
 
     def evaluate(self, images, labels, batch_size=256):
@@ -944,14 +969,20 @@ class Run:
                    "memory_mb": memory_lib.estimate(g, self.cfg.batch_size)["mb"],
                    "memory_measured_mb": st.measured_mb,
                    "memory_measured_source": st.measured_source,
-                   "best_val_accuracy": max((r["val_accuracy"] or 0.0 for r in self.records),
-                                            default=None),
+                   # None when no epoch was validated (no validation split, or a
+                   # final-only run with final_with_val), not 0.
+                   "best_val_accuracy": max((r["val_accuracy"] for r in self.records
+                                             if r["val_accuracy"] is not None), default=None),
                    "flops": memory_lib.estimate(g, 1)["flops"]}
         metrics.update({k: v for k, v in self.strategy.record(self.net).items()
                         if k == "compression"})
         metrics.update(self.strategy.summary(final))
         metrics["examples"] = {k: int(len(getattr(self.splits, k)[1]))
                                for k in ("train", "val", "test")}
+        # What the final network trained on (final_subset, final_with_val).
+        metrics["examples"]["final"] = int(self._phase_count()) if st.phase == "final" else None
+        if self.cfg.final_with_val:
+            metrics["final_with_val"] = True
         metrics["wall_seconds"] = self._elapsed()  # the whole command so far, every process
         if self.cfg.final_probe_steps:
             # The test accuracy above is the found network's after its search and the

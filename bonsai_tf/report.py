@@ -696,7 +696,10 @@ def _summary_rows(config, metrics, records):
             f"timing steps: --final_probe_steps, not a trained final network)"
             if metrics.get("final_probe_steps") else "")),
         ("best val accuracy",
-         f"{_fmt(best[0])} (epoch {int(best[1])})" if best else "–"),
+         (f"{_fmt(best[0])} (epoch {int(best[1])})" if best else "–")
+         + (" (search epochs only: the final network also trained on the validation "
+            "examples, --final_with_val)" if metrics.get("final_with_val") else "")),
+        ("examples trained on", _examples(metrics.get("examples"))),
         ("params", _fmt(_first(metrics.get("params"), _last_value(records, "params")))),
         ("cells", _fmt(_first(metrics.get("cells"), _last_value(records, "cells")))),
         ("final compression",
@@ -710,6 +713,16 @@ def _summary_rows(config, metrics, records):
          f"`{_md(metrics['genotype_hash'])}`" if metrics.get("genotype_hash") else "–"),
     ]
     return rows
+
+
+def _examples(examples):
+    """'search on N of the training split, final network on M' as far as recorded."""
+    if not isinstance(examples, dict) or not isinstance(examples.get("train"), int):
+        return "–"
+    text = f"training split {examples['train']:,}, validation {examples.get('val', 0):,}"
+    if isinstance(examples.get("final"), int):
+        text += f"; the final network trained on {examples['final']:,}"
+    return text
 
 
 def _restructure(metrics):

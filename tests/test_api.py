@@ -30,13 +30,18 @@ def test_quick_preset_is_the_quick_flagfile():
     with open(os.path.join(ROOT, "train", "configs", "fmnist_quick.flags")) as f:
         for line in f:
             if line.startswith("--"):
-                k, v = line[2:].strip().split("=", 1)
+                k, _, v = line[2:].strip().partition("=")
+                if not _:  # a bare boolean flag: --name or --noname
+                    k, v = (k[2:], "false") if k.startswith("no") and k[2:] in api.QUICK \
+                        else (k, "true")
                 flags[k] = v
     for key, value in api.QUICK.items():
         assert key in flags, key
         want = flags[key]
         got = value
-        if key == "patterns":
+        if isinstance(got, bool):
+            assert want.lower() == str(got).lower(), key
+        elif key == "patterns":
             import json
             assert [list(p) for p in got] == json.loads(want), key
         elif isinstance(got, float):

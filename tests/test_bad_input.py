@@ -146,6 +146,7 @@ FLAG_CASES = [
     (["--cycle_len=0"], ["cycle_len = 0", ">= 1"]),
     (["--settle_epochs=-1"], ["settle_epochs = -1", ">= 0"]),
     (["--final_probe_steps=-1"], ["final_probe_steps = -1", ">= 0"]),
+    (["--final_with_val", "--val_size=0"], ["final_with_val = True", "with val_size=0"]),
     (["--memory_budget_mb=-1"], ["memory_budget_mb = -1.0", ">= 0"]),
     (["--arch_lr=0"], ["arch_lr = 0.0", "> 0"]),
     (["--asap_tau0=0"], ["asap_tau0 = 0.0", "> 0"]),

@@ -531,3 +531,25 @@ def test_first_seed_draws_new_seeds_for_every_run_and_row(flagfile, tmp_path):
     assert compare.main(compare_argv(flagfile, out0, "--seeds=1", "--strategies=bonsai"),
                         launcher=FakeScripts()) == 0
     assert "first_seed" not in rd.read_json(os.path.join(out0, "compare.json"))["settings"]
+
+
+def test_final_with_val_retrainings_are_planned_over_the_validation_examples_too(flagfile,
+                                                                               tmp_path):
+    compare = load_compare()
+    out = str(tmp_path / "cmp")
+    fake = FakeScripts()
+    assert compare.main(compare_argv(flagfile, out, "--seeds=1", "--strategies=bonsai",
+                                     "--final_with_val"), launcher=fake) == 0
+    state = rd.read_json(os.path.join(out, "compare.json"))
+    assert state["settings"]["final_with_val"] is True
+    # --final_subset=64 training examples and the tuner's 20 validation ones, batch 16.
+    assert state["epochs_plan"]["full_pass_steps"] == (64 + 20) // 16
+    assert all("--final_with_val" in c["args"] for c in fake.calls
+               if c["script"] == "train.py")
+    # Without it the settings are those a comparison had before the flag existed.
+    out0 = str(tmp_path / "cmp0")
+    assert compare.main(compare_argv(flagfile, out0, "--seeds=1", "--strategies=bonsai"),
+                        launcher=FakeScripts()) == 0
+    saved = rd.read_json(os.path.join(out0, "compare.json"))
+    assert "final_with_val" not in saved["settings"]
+    assert saved["epochs_plan"]["full_pass_steps"] == 64 // 16

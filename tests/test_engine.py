@@ -251,3 +251,42 @@ def test_a_settled_search_gives_its_epochs_to_the_final_training(tiny_splits, tm
     assert settled and settled[0] < 8, [r["events"] for r in records]
     assert records[settled[0] - 1]["phase"] == "final"
     assert sum(r["phase"] == "final" for r in records) > 2
+
+
+def test_final_with_val_trains_the_final_network_on_the_validation_examples_too(
+        tiny_splits, tmp_path):
+    run = make_run(tiny_splits, tmp_path, val_size=48, final_with_val=True)
+    metrics = run.run()
+    records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    # The record of the epoch that ended the search already reads "final".
+    last = next(i for i, r in enumerate(records) if any("final network" in e for e in r["events"]))
+    search, final = records[:last + 1], records[last + 1:]
+    assert search and final
+    # The search trains on the training split (192 examples: 6 batches of 32) and is
+    # validated; the final network trains on 192 + 48 (7 batches) and is not.
+    assert all(r["steps"] == 6 and r["val_accuracy"] is not None for r in search)
+    assert all(r["steps"] == 7 and r["val_accuracy"] is None for r in final)
+    assert metrics["examples"] == {"train": 192, "val": 48, "test": 48, "final": 240}
+    assert metrics["final_with_val"] is True
+    assert metrics["best_val_accuracy"] == max(r["val_accuracy"] for r in search)
+    from bonsai_tf import report as report_lib
+    report_lib.write_report(str(tmp_path))
+    report = (tmp_path / "report.md").read_text()
+    assert "search epochs only" in report and "the final network trained on 240" in report
+
+
+def test_a_final_only_run_with_final_with_val_is_never_validated(tiny_splits, tmp_path):
+    _, path = _found_genotype(tmp_path)
+    metrics = make_run(tiny_splits, tmp_path / "run", strategy="fixed", genotype=path, epochs=2,
+                       search_epochs=0, memory_budget_mb=0.0, val_size=48,
+                       final_with_val=True).run()
+    records = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [(r["steps"], r["val_accuracy"]) for r in records] == [(7, None), (7, None)]
+    # No validated epoch: no best validation accuracy (not 0).
+    assert metrics["best_val_accuracy"] is None and metrics["examples"]["final"] == 240
+
+
+def test_final_with_val_needs_held_out_examples():
+    with pytest.raises(config_lib.ConfigError, match="final_with_val = True; expected False "
+                                                      "with val_size=0"):
+        config_lib.RunConfig(val_size=0, final_with_val=True)

@@ -139,6 +139,9 @@ flags.DEFINE_string("val_size", str(D.val_size), "Training examples held out for
                     "count (5000) or a fraction of the training split (0.1).")
 flags.DEFINE_integer("train_subset", D.train_subset, "Search on this many examples (0: all).")
 flags.DEFINE_integer("final_subset", D.final_subset, "Final training examples (0: all).")
+flags.DEFINE_bool("final_with_val", D.final_with_val, "The final network also trains on the "
+                  "--val_size examples (the search still validates on them), and its epochs "
+                  "are not validated. The test split stays unseen until the end.")
 flags.DEFINE_list("image_size", [], "Resize images to H,W (folder datasets).")
 flags.DEFINE_string("augment", D.augment, "Augmentation: none, crop, crop_flip, "
                     "crop_flip_cutout ('' = dataset default).")
