@@ -23,7 +23,7 @@ from bonsai_tf import run_dir as rd
 # train/configs/fmnist_quick.flags as keyword values (tests/test_api.py keeps the two
 # in step): a search that fits 2 CPU cores.
 QUICK = dict(space="small", scale=16, nodes=2, patterns=(("n",), ("r",)), max_patterns=3,
-             train_subset=8000, final_subset=0, final_with_val=True, batch_size=64, lr_max=0.05, gate_lr=0.05,
+             train_subset=8000, final_subset=0, batch_size=64, lr_max=0.05, gate_lr=0.05,
              weight_decay=3e-4, drop_path=0.0, aux_weight=0.0, label_smoothing=0.1,
              lambda_edge=0.5, lambda_input=0.5, prune_interval=1, cycle_len=2, settle_epochs=3,
              memory_budget_mb=115.0, search_fraction=0.3)

@@ -877,9 +877,10 @@ class Run:
                 tf.summary.text("events", e)
         self._writer.flush()
         total = self.total_epochs if not self.budgeted else "?"
-        log.info("epoch %d/%s %s: loss %.4f acc %.4f val %.4f params %d cells %d%s%s", st.epoch,
-                 total, phase, r["train_loss"], r["train_accuracy"],
-                 r["val_accuracy"] or float("nan"), r["params"], r["cells"],
+        val = ("not validated" if r["val_accuracy"] is None
+               else f"val {r['val_accuracy']:.4f}")
+        log.info("epoch %d/%s %s: loss %.4f acc %.4f %s params %d cells %d%s%s", st.epoch,
+                 total, phase, r["train_loss"], r["train_accuracy"], val, r["params"], r["cells"],
                  "".join(f" {k} {v:.3f}" for k, v in self.strategy.record(self.net).items()
                          if isinstance(v, float)),
                  "".join(f" | {e}" for e in events))
