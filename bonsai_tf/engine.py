@@ -546,30 +546,27 @@ class Run:
         got = self._largest(tf.constant(buf)).numpy().astype(np.uint8)
         return json.loads(got.tobytes().rstrip(b"\0").decode())
 
-    def _phase_examples(self):
-        """(images, labels) the current phase trains on: the training split, or its first
-        train_subset / final_subset examples (data.load_dataset already shuffled them,
-        seeded), and with final_with_val the validation examples after them."""
+    def _phase_parts(self):
+        """[(images, labels), ...] the current phase trains on, without copying: the
+        training split, or its first train_subset / final_subset examples
+        (data.load_dataset already shuffled them, seeded), and with final_with_val the
+        validation examples after them."""
         cfg, st = self.cfg, self.state
         x, y = self.splits.train
         subset = cfg.train_subset if st.phase == "search" else cfg.final_subset
-        if subset and subset < len(x):
-            x, y = x[:subset], y[:subset]
+        parts = [(x[:subset], y[:subset]) if subset else (x, y)]
         if st.phase == "final" and cfg.final_with_val:
-            vx, vy = self.splits.val
-            x, y = np.concatenate([x, vx]), np.concatenate([y, vy])
-        return x, y
+            parts.append(self.splits.val)
+        return parts
+
+    def _phase_examples(self):
+        parts = self._phase_parts()
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(np.concatenate(arrays) for arrays in zip(*parts))
 
     def _phase_count(self):
-        """len(self._phase_examples()[1]) without copying any image."""
-        cfg, st = self.cfg, self.state
-        n = len(self.splits.train[1])
-        subset = cfg.train_subset if st.phase == "search" else cfg.final_subset
-        if subset:
-            n = min(n, subset)
-        if st.phase == "final" and cfg.final_with_val:
-            n += len(self.splits.val[1])
-        return n
+        return sum(len(y) for _, y in self._phase_parts())
 
     def _validates(self):
         """Whether this epoch ends with a validation pass: not when the final network

@@ -716,7 +716,8 @@ def _summary_rows(config, metrics, records):
 
 
 def _examples(examples):
-    """'search on N of the training split, final network on M' as far as recorded."""
+    """'training split N, validation V; the final network trained on M' as far as
+    metrics.json recorded them ("–" for runs without the counts)."""
     if not isinstance(examples, dict) or not isinstance(examples.get("train"), int):
         return "–"
     text = f"training split {examples['train']:,}, validation {examples.get('val', 0):,}"
