@@ -238,6 +238,28 @@ def test_search_not_at_the_cap_or_without_settling_does_not_settle(tiny_splits, 
     assert not run.strategy.search_done(run.net)          # settle_epochs=0: never
 
 
+@pytest.mark.parametrize("ratios, why", [
+    ({"1": 1.0}, "at the budget's last pattern (2 of the cap's 3"),
+    ({}, "without a memory budget nothing grows (2 of 3 patterns)")])
+def test_search_settles_where_the_budget_plans_no_more_growth(tiny_splits, tmp_path, ratios,
+                                                             why):
+    # Two patterns of a cap of three, and a budget whose plan ends at two (e_c(1) only:
+    # two patterns plus a third unpruned one never fit) or no budget at all: nothing can
+    # grow, so the search settles as at the cap instead of running out its time.
+    run = make_run(tiny_splits, tmp_path, max_patterns=3, prune_interval=100, settle_epochs=2)
+    s = run.strategy
+    run.prepare(G.grow(s.initial_genotype()))
+    s.ratios = dict(ratios)
+    assert G.num_patterns(run.net.genotype) == 2 and not s.grows_further(run.net)
+    events = _end_epochs(run, 1, 2)
+    assert s.search_done(run.net), events
+    assert not any(e.startswith("grow") for e in events), events
+    assert any(e.startswith(f"settled: {why}") for e in events), events
+    # with e_c(2) planned, growth is still ahead: no settling
+    s.ratios = {"1": 1.0, "2": 1.0}
+    assert s.grows_further(run.net) and not s.search_done(run.net)
+
+
 @pytest.mark.slow
 def test_a_settled_search_gives_its_epochs_to_the_final_training(tiny_splits, tmp_path):
     # No budget, one pattern: at the cap from the start, so the search ends once nothing

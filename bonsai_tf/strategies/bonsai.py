@@ -1,6 +1,7 @@
 """BonsaiNet (../shared/BONSAINET.md): saw-gate pruning, deadheading and growth under a budget."""
 
 import dataclasses
+import logging
 
 import keras
 import tensorflow as tf
@@ -10,6 +11,8 @@ from bonsai_tf import layers as L
 from bonsai_tf import memory as memory_lib
 from bonsai_tf import space as space_lib
 from bonsai_tf.strategies import base
+
+log = logging.getLogger("bonsai_tf")
 
 # aim = e_c * 0.9 when e_c > AIM_SWITCH, else e_c * 0.66 (BONSAINET.md section 5)
 GROW_AIM_HIGH = 0.9
@@ -52,6 +55,11 @@ class BonsaiNet(base.Strategy):
                     f"of cells: expected at least {need:.1f} MB at batch {cfg.batch_size} "
                     f"(scale {cfg.scale}, nodes {cfg.nodes})")
             self.ratios = {str(k): v for k, v in ratios.items()}
+            last = max([n] + [k + 1 for k in ratios])
+            plan = ", ".join(f"e_c({k}) = {v:.3f}" for k, v in sorted(ratios.items()))
+            log.info("memory budget %g MB: %d pattern(s) to start, growth planned up to %d "
+                     "of the pattern cap's %d%s", cfg.memory_budget_mb, n, last,
+                     info.max_patterns, f" ({plan})" if plan else "")
         g = start
         while genotype_lib.num_patterns(g) < n:
             g = genotype_lib.grow(g, cfg.init_weight)
@@ -93,13 +101,32 @@ class BonsaiNet(base.Strategy):
             return None
         return target * (GROW_AIM_HIGH if target > AIM_SWITCH else GROW_AIM_LOW)
 
+    def grows_further(self, net):
+        """Whether growth may still come: below the pattern cap, and the budget's plan
+        has an e_c for this pattern count. Without one (a budget that holds fewer
+        patterns than the cap, or no budget) nothing is ever grown past this count."""
+        return self._patterns(net) < self.info.max_patterns and self.target(net) is not None
+
+    def _at_cap(self, net):
+        """Why growth is over, for the settled event."""
+        n = self._patterns(net)
+        if n >= self.info.max_patterns:
+            return "at the pattern cap"
+        if self.ratios:
+            return (f"at the budget's last pattern ({n} of the cap's {self.info.max_patterns}: "
+                    f"memory_budget_mb = {self.cfg.memory_budget_mb:g} plans no growth past it)")
+        return f"without a memory budget nothing grows ({n} of {self.info.max_patterns} patterns)"
+
     def settled(self, net):
-        """Whether growth is over (at the pattern cap), the hard compression is at or
-        below its target, and no operation or input has left for `settle_epochs`
-        epochs: the architecture is found, and further search epochs would only train
-        weights on the search subset at a pressure that has nothing left to do."""
+        """Whether growth is over (at the pattern cap, or at the last pattern count the
+        budget plans for), the hard compression is at or below its target, and no
+        operation or input has left for `settle_epochs` epochs: the architecture is
+        found, and further search epochs would only train weights on the search subset
+        at a pressure that has nothing left to do. (A budget that held two patterns of a
+        cap of three once kept a search going for its whole share of the time: run
+        s24m115, README.)"""
         wait = self.cfg.settle_epochs
-        if wait <= 0 or self._patterns(net) < self.info.max_patterns:
+        if wait <= 0 or self.grows_further(net):
             return False
         target = self.compress_target(net)
         if target is not None and self.compression(net) > target:
@@ -200,8 +227,7 @@ class BonsaiNet(base.Strategy):
                 self.quiet_epochs = 0
         target = self.target(net)
         grown = None
-        if target is not None and self._compression_of(g) < target \
-                and self._patterns(net) < self.info.max_patterns:
+        if self.grows_further(net) and self._compression_of(g) < target:
             grown = genotype_lib.grow(g, cfg.init_weight)
             if not self.fits_budget(grown):
                 # e_c(n) plans with the expected memory of a random choice; the real
@@ -231,7 +257,7 @@ class BonsaiNet(base.Strategy):
                 change.events.append(f"compression cycle {self.cycles}: "
                                      f"pressure x{2 ** self.cycles}")
         if change.genotype is None and self.settled(net):
-            change.events.append(f"settled: at the pattern cap, compression at its target "
+            change.events.append(f"settled: {self._at_cap(net)}, compression at its target "
                                  f"and no removal for {self.quiet_epochs} epochs")
         return change
 
