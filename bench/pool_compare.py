@@ -15,13 +15,15 @@ Refused, with one line `error: ...` and status 2:
   - comparisons that differ in anything but their seeds and where they ran: compare.py's
     settings (the flagfile by name, flags passed through, budget, ...) and every kind of
     sub-run's resolved configuration (config.json of its search, retraining and random
-    runs, seed and paths aside), which also tells two versions of the code apart when
-    they planned other budgets or epochs. Their differences would not measure one thing;
+    runs, seed and paths aside; a field that one of them predates reads as its default),
+    which also tells two versions of the code apart when they planned other budgets or
+    epochs. Their differences would not measure one thing;
   - a seed that two comparisons share: the same seed gives the same data order,
     augmentation and initialisation, so the two pairs are not independent. --allow_repeated_seeds
     keeps them (each is then its own pair) and says so in the output.
 """
 
+import json
 import os
 import sys
 
@@ -56,19 +58,32 @@ class PoolError(ValueError):
     pass
 
 
+def _run_defaults():
+    """RunConfig's defaults as a config.json holds them.
+
+    A field added to RunConfig after a comparison ran is absent from its sub-runs'
+    config.json; those runs behaved as its default does (a new field's default keeps the
+    old behaviour), so an absent field reads as the default, not as a difference
+    (cmp16h's `final_with_val: false` against cmp16e-g, which predate the field).
+    """
+    from bonsai_tf import config as config_lib
+    return json.loads(json.dumps(config_lib.RunConfig().to_dict()))
+
+
 def _identity(directory, settings):
     """What must match between comparisons pooled: compare.py's settings and one resolved
     config.json of each kind of sub-run, without seeds and paths."""
     ident = {k: v for k, v in settings.items() if k not in FREE}
     ident["flagfile"] = os.path.basename(settings.get("flagfile") or "")
     free = RUN_FREE + (PLANNED if not settings.get("epochs") else ())
+    defaults = _run_defaults()
     for strategy in settings.get("strategies", ()):
         for kind in KINDS:
             runs = sorted(d for d in os.listdir(directory) if d.startswith(f"{kind}-{strategy}-s"))
             for d in runs:
                 path = os.path.join(directory, d, "config.json")
                 if os.path.isfile(path):
-                    cfg = rd.read_json(path)
+                    cfg = {**defaults, **rd.read_json(path)}
                     ident[f"{kind}-{strategy}"] = {k: v for k, v in cfg.items()
                                                    if k not in free}
                     break

@@ -108,6 +108,15 @@ def test_pool_refuses_what_would_not_measure_one_thing(flagfile, tmp_path, capsy
     rd.write_json(os.path.join(a, "search-bonsai-s0", "config.json"), dict(cfg, seed=0))
     rd.write_json(os.path.join(d, "search-bonsai-s7", "config.json"), dict(cfg, lr_max=0.1))
     assert "differs in: search-bonsai.lr_max" in refused(a, d)
+    # A field that one comparison's sub-runs predate reads as its default: at the
+    # default it is the same run, set otherwise it differs.
+    rd.write_json(os.path.join(d, "search-bonsai-s7", "config.json"),
+                  dict(cfg, final_with_val=False))
+    capsys.readouterr()
+    assert pool.main(["pool_compare.py", a, d]) == 0
+    rd.write_json(os.path.join(d, "search-bonsai-s7", "config.json"),
+                  dict(cfg, final_with_val=True))
+    assert "differs in: search-bonsai.final_with_val" in refused(a, d)
     # Repeated seeds only when asked, and then said.
     capsys.readouterr()
     assert pool.main(["pool_compare.py", a, a, "--allow_repeated_seeds"]) == 0
