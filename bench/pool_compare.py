@@ -67,7 +67,7 @@ def _run_defaults():
     (cmp16h's `final_with_val: false` against cmp16e-g, which predate the field).
     """
     from bonsai_tf import config as config_lib
-    return json.loads(json.dumps(config_lib.RunConfig().to_dict()))
+    return json.loads(config_lib.RunConfig().to_json())
 
 
 def _identity(directory, settings):

@@ -55,7 +55,10 @@ class BonsaiNet(base.Strategy):
                     f"of cells: expected at least {need:.1f} MB at batch {cfg.batch_size} "
                     f"(scale {cfg.scale}, nodes {cfg.nodes})")
             self.ratios = {str(k): v for k, v in ratios.items()}
-            last = max([n] + [k + 1 for k in ratios])
+            # Growth from k patterns needs e_c(k): it stops at the first count without one.
+            last = n
+            while last in ratios:
+                last += 1
             plan = ", ".join(f"e_c({k}) = {v:.3f}" for k, v in sorted(ratios.items()))
             log.info("memory budget %g MB: %d pattern(s) to start, growth planned up to %d "
                      "of the pattern cap's %d%s", cfg.memory_budget_mb, n, last,
@@ -107,7 +110,7 @@ class BonsaiNet(base.Strategy):
         patterns than the cap, or no budget) nothing is ever grown past this count."""
         return self._patterns(net) < self.info.max_patterns and self.target(net) is not None
 
-    def _at_cap(self, net):
+    def _why_grown_out(self, net):
         """Why growth is over, for the settled event."""
         n = self._patterns(net)
         if n >= self.info.max_patterns:
@@ -257,7 +260,7 @@ class BonsaiNet(base.Strategy):
                 change.events.append(f"compression cycle {self.cycles}: "
                                      f"pressure x{2 ** self.cycles}")
         if change.genotype is None and self.settled(net):
-            change.events.append(f"settled: {self._at_cap(net)}, compression at its target "
+            change.events.append(f"settled: {self._why_grown_out(net)}, compression at its target "
                                  f"and no removal for {self.quiet_epochs} epochs")
         return change
 
