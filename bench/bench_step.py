@@ -8,6 +8,7 @@ pruners and compression loss on), batch 64, one step = forward + backward + SGD.
 --strategies=bonsai,proxyless steps the same supernet as ProxylessNAS does (a sampled
 pair of operations per edge, one active): its memory is that of one sampled network.
 --mixed_precision=none,mixed_bfloat16,mixed_float16 times each precision policy.
+--profile_steps=N profiles N more steps and writes where their time went, by kernel type.
 --devices=1,2 times the step on one device and mirrored over 2 logical CPU devices (the
 CPU split at start, as --distribute=mirrored does) at the same global batch.
 --workers=1,2 times it in one process and in 2 local processes under
@@ -16,8 +17,9 @@ the cores as threads), at the same global batch; the chief's figures are written
 The reference point is the original PyTorch BonsaiNet (batch 64, 32x32x3, scale 16,
 3 cells, all 7 operations): 11 to 16.4 s per step on 2-core machines of this kind
 (../shared/BENCHMARKS.md), 7.94 s side by side with this script's 1.51 s on an AVX-512 one
-(README, "Supernet training step"). Compare on one machine: the output carries its
-calibration, and the two codes gain differently from a faster CPU.
+and 6.48 s against 1.91 s on an AVX2 one (README, "Supernet training step";
+bench/reference_step.py times the reference). Compare on one machine: the output carries
+its calibration, and the two codes gain differently from a faster CPU.
 """
 
 import json
@@ -53,13 +55,16 @@ flags.DEFINE_integer("steps", 5, "Timed steps per configuration (after 2 warm-up
 flags.DEFINE_bool("jit_compile", False, "Compile the step with XLA.")
 flags.DEFINE_enum("graph_optimizer", "auto", ["auto", "on", "off"],
                   "TensorFlow's graph optimizer (Grappler), as --graph_optimizer of search.py.")
+flags.DEFINE_integer("profile_steps", 0, "After timing, profile this many more steps of each "
+                     "configuration (TensorFlow profiler) and write their kernel seconds by "
+                     "operation type beside its figures (bench/profile_ops.py); 0: none.")
 flags.DEFINE_string("out", "bench/results/step_throughput.json", "Where to write the figures.")
 FLAGS = flags.FLAGS
 
 
 def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps, jit,
                 graph_optimizer="auto", strategy="bonsai", mixed_precision="none", stem_stride=1,
-                devices=1, workers=1):
+                devices=1, workers=1, profile_steps=0):
     import numpy as np
     import tensorflow as tf
     from bonsai_tf import config as config_lib
@@ -107,6 +112,11 @@ def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps
     measured = memory_lib.measure_step_peak(
         lambda: run.train_step(xb, yb, inputs)["loss"].numpy())
     step = float(np.median(times))
+    profiled = {}
+    if profile_steps:
+        import profile_ops
+        profiled = {"profile": profile_ops.profile(
+            lambda: run.train_step(xb, yb, inputs)["loss"].numpy(), profile_steps)}
     return {"strategy": strategy, "mixed_precision": mixed_precision, "scale": scale,
             "devices": devices, "workers": workers,
             "stem_stride": stem_stride,
@@ -117,7 +127,8 @@ def time_config(scale, patterns, shape, nodes, space, pattern_spec, batch, steps
             "first_step_seconds": first, "graph_optimizer": graph_optimizer,
             "graph_optimizer_on": machine.graph_optimizer_on(graph_optimizer, bool(machine.gpus())),
             "memory_estimate_mb": memory_lib.estimate(g, batch)["mb"],
-            "memory_measured_mb": measured.mb, "memory_measured_source": measured.source}
+            "memory_measured_mb": measured.mb, "memory_measured_source": measured.source,
+            **profiled}
 
 
 WORKER_ENV = "BONSAI_TF_BENCH_STEP_WORKER"   # a worker process's job (JSON), set by main
@@ -181,12 +192,15 @@ def main(argv):
                 args = [int(scale), int(n), list(shape), FLAGS.nodes, FLAGS.space,
                         _json.loads(FLAGS.pattern_spec), FLAGS.batch, FLAGS.steps,
                         FLAGS.jit_compile, FLAGS.graph_optimizer, strategy, mp,
-                        FLAGS.stem_stride, d, w]
+                        FLAGS.stem_stride, d, w, FLAGS.profile_steps]
                 r = time_workers(w, args) if w > 1 else time_config(*args)
                 print(f"{strategy:>9} {mp:>14} x{d} w{w} {'x'.join(map(str, shape)):>8} scale {r['scale']:>3} patterns {n} cells "
                       f"{r['cells']} ops {r['operations']:>4}: {r['seconds_per_step']:.3f} s/step, "
                       f"{r['images_per_second']:.0f} img/s, first step {r['first_step_seconds']:.1f} s, memory est {r['memory_estimate_mb']:.0f} MB "
                       f"measured {r['memory_measured_mb'] or float('nan'):.0f} MB", flush=True)
+                for kind, share in list(r.get("profile", {}).get("op_share", {}).items())[:12]:
+                    print(f"    {kind:>32} {100 * share:5.1f}% "
+                          f"{r['profile']['op_seconds_per_step'][kind]:.3f} s/step", flush=True)
                 results.append(r)
                 tf.keras.backend.clear_session()
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
