@@ -1,7 +1,8 @@
 """Where a step's time goes: TensorFlow profiler traces summed by operation type.
 
     from profile_ops import profile
-    totals = profile(lambda: step().numpy(), steps=3)   # {"op_seconds": ..., "op_share": ...}
+    totals = profile(lambda: step().numpy(), steps=3)
+    # {"steps": 3, "op_seconds_per_step": {op type: s}, "op_share": {op type: share}}
 
 The profiler's host trace holds one event per executed kernel, named "op name:op type",
 on the line (thread) that ran it. Events nest (a function call holds the kernels it ran),
