@@ -48,6 +48,7 @@ def summary(out):
             "search_run_seconds": state["split"]["search_run_seconds"],
             "search_epochs": searches,
             "retrain_epochs": (state.get("epochs_plan") or {}).get("epochs"),
+            "retrain_steps_per_epoch": (state.get("epochs_plan") or {}).get("steps_per_epoch"),
             "rows": {r["method"]: r.get("accuracy_mean") for r in state.get("rows", [])},
             "failed": sorted(n for n, r in state["runs"].items() if r.get("status") != "done")}
 

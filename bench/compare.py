@@ -28,7 +28,9 @@ then writes compare.md and compare.json (one row per method: test accuracy mean 
 std over seeds, parameters, FLOPs, training memory, int8 TFLite latency at batch 1,
 search and total seconds; whether each search beats random beyond the seed
 spread) and two plots. --epochs=0 plans E from the search runs' measured speed so
-that every retraining fits in what is left. Every flag not listed below is a run
+that every retraining fits in what is left, in training steps: where whole passes
+would leave time unspent, E is one more epoch of fewer steps (--steps_per_epoch),
+the same for every retraining. Every flag not listed below is a run
 flag passed to every sub-run (--data_dir, --dataset, --batch_size, ...) over the
 --flagfile's settings.
 
@@ -570,17 +572,24 @@ class Comparison:
                          retrain))
         if self.pool_plan:
             # The longest first, by the plan's estimates (the schedule plan_epochs assumed).
-            e = self.state["epochs_plan"]["epochs"]
-            est = {r["name"]: r["overhead_seconds"] + e * r["epoch_seconds"]
-                   for r in self.state["epochs_plan"].get("runs") or ()}
+            plan = self.state["epochs_plan"]
+            est = {r["name"]: cmp.run_seconds(r, plan["epochs"], plan.get("steps_per_epoch")
+                                              if "step_seconds" in r else None)
+                   for r in plan.get("runs") or ()}
             jobs.sort(key=lambda job: -est.get(job[0], 0.0))
         return jobs
 
     def _retrain_args(self, strategy, genotype, seed, name):
+        plan = self.state["epochs_plan"]
+        # An epoch shorter than a full pass where the plan made one (plan_epochs); after
+        # the passthrough flags, so it wins over a --steps_per_epoch given there.
+        steps = plan.get("steps_per_epoch")
+        shorter = ([f"--steps_per_epoch={steps}"]
+                   if steps and steps < plan.get("full_pass_steps", steps + 1) else [])
         return self._common() + [
             f"--strategy={strategy}", f"--genotype={genotype}", f"--seed={seed}",
-            f"--epochs={self.state['epochs_plan']['epochs']}", "--time_budget_minutes=0",
-            "--export", f"--output_dir={self._path(name)}"]
+            f"--epochs={plan['epochs']}"] + shorter + [
+            "--time_budget_minutes=0", "--export", f"--output_dir={self._path(name)}"]
 
     def _found(self):
         """[(strategy, seed, Genotype, metrics)] of the finished searches."""
@@ -671,18 +680,18 @@ class Comparison:
             full_steps = min(full_steps, s["steps_per_epoch"])
 
         def cost(speed, ratio):
-            epoch = full_steps * speed["step_seconds"] * ratio + speed["outside_seconds"]
-            over = speed["startup_seconds"] + cmp.export_seconds(
-                speed["step_seconds"] * ratio, s["batch_size"], n_test, n_val)
-            return epoch, over
+            """{epoch, step, outside (of an epoch), overhead (of a run)} seconds."""
+            step = speed["step_seconds"] * ratio
+            return {"epoch_seconds": full_steps * step + speed["outside_seconds"],
+                    "step_seconds": step, "outside_seconds": speed["outside_seconds"],
+                    "overhead_seconds": speed["startup_seconds"] + cmp.export_seconds(
+                        step, s["batch_size"], n_test, n_val)}
 
         runs = []
         for strategy, k, speed in refs:
-            epoch, over = cost(speed, 1.0)
             # A random network matches the found one's operation memory: the same speed.
             for name in (f"retrain-{strategy}-s{k}", f"random-{strategy}-s{k}"):
-                runs.append({"name": name, "epoch_seconds": epoch, "overhead_seconds": over,
-                             "reference": speed["name"]})
+                runs.append({"name": name, **cost(speed, 1.0), "reference": speed["name"]})
         for name, path in (("retrain-tuner", self._path("tuner", "genotype.json")),
                            ("retrain-cnn", self._path("genotypes", "cnn.json"))):
             if not os.path.exists(path):
@@ -690,12 +699,12 @@ class Comparison:
             g = genotype_lib.Genotype.load(path)
             other = {"operations": g.num_ops(), "flops": memory_lib.estimate(g, 1)["flops"]}
             # The slowest prediction of any reference: these networks were never timed.
-            epoch, over, ref = max(cost(sp, cmp.cost_ratio(sp, other)) + (sp["name"],)
-                                   for _, _, sp in refs)
-            runs.append({"name": name, "epoch_seconds": epoch, "overhead_seconds": over,
-                         "reference": ref})
+            slowest = max(({**cost(sp, cmp.cost_ratio(sp, other)), "reference": sp["name"]}
+                           for _, _, sp in refs),
+                          key=lambda c: (c["epoch_seconds"], c["overhead_seconds"]))
+            runs.append({"name": name, **slowest})
         left = split["total_seconds"] - self.elapsed() - split["reserve_seconds"]
-        plan = cmp.plan_epochs(left, runs, workers=self.workers)
+        plan = cmp.plan_epochs(left, runs, workers=self.workers, full_pass_steps=full_steps)
         plan.update(full_pass_steps=full_steps, train_examples=n_train, val_examples=n_val,
                     test_examples=n_test, speeds=[sp for _, _, sp in refs])
         return plan

@@ -47,10 +47,11 @@ flags.DEFINE_bool("allow_repeated_seeds", False, "Pool pairs of a seed that seve
 FREE = ("seeds", "first_seed", "output_dir")
 # What may differ between two sub-runs of one kind (config.json): the seed and the paths;
 # and where compare.py plans them from the machine's measured speed (--epochs=0), their
-# epochs and minutes: the same budget buys another count on another machine, while the
-# two networks of a pair still share theirs.
+# epochs, epoch length (steps_per_epoch: the plan is made in steps) and minutes: the same
+# budget buys another count on another machine, while the two networks of a pair still
+# share theirs. (A --steps_per_epoch passed through is in compare.py's settings.)
 RUN_FREE = ("seed", "output_dir", "genotype", "data_dir")
-PLANNED = ("epochs", "time_budget_minutes")
+PLANNED = ("epochs", "steps_per_epoch", "time_budget_minutes")
 KINDS = ("search", "retrain", "random")
 
 
@@ -102,7 +103,8 @@ def _differences(a, b, prefix=""):
 
 
 def load(directory):
-    """(settings, per_run, retraining epochs) of a finished comparison in `directory`."""
+    """(settings, per_run, retraining schedule: "6 epochs", "7 epochs of 819 steps") of a
+    finished comparison in `directory`."""
     path = os.path.join(directory, "compare.json")
     if not os.path.isfile(path):
         raise PoolError(f"{directory}: no compare.json; expected the --output_dir of a "
@@ -111,7 +113,7 @@ def load(directory):
     if not isinstance(state, dict) or "settings" not in state or not state.get("per_run"):
         raise PoolError(f"{path} has no per-run results; expected a finished comparison "
                         f"(run its compare.py command again to finish it)")
-    return state["settings"], state["per_run"], (state.get("epochs_plan") or {}).get("epochs")
+    return state["settings"], state["per_run"], cmp.schedule_text(state.get("epochs_plan"))
 
 
 def pool(directories, allow_repeated_seeds=False):
@@ -127,9 +129,9 @@ def pool(directories, allow_repeated_seeds=False):
             raise PoolError(f"{d} compared other settings than {first_dir} (differs in: "
                             f"{', '.join(diff)}); expected comparisons that differ only "
                             f"in their seeds")
-    result = {"comparisons": [{"dir": os.path.abspath(d), "epochs": epochs,
+    result = {"comparisons": [{"dir": os.path.abspath(d), "retraining": schedule,
                                "seeds": sorted({r["seed"] for r in per_run})}
-                              for d, _, per_run, epochs in loaded],
+                              for d, _, per_run, schedule in loaded],
               "settings": {k: v for k, v in first.items() if k not in FREE},
               "rule": cmp.PAIRED, "allow_repeated_seeds": allow_repeated_seeds,
               "strategies": {}}
@@ -162,7 +164,7 @@ def markdown(result):
              + (f" with `{' '.join(s['passthrough'])}`" if s.get("passthrough") else "")
              + f", {s.get('time_budget_minutes')} minutes per comparison; comparisons:", ""]
     lines += [f"- `{c['dir']}`: seeds {', '.join(map(str, c['seeds']))}, every retraining "
-              f"{c['epochs']} epochs" for c in result["comparisons"]]
+              f"{c['retraining']}" for c in result["comparisons"]]
     if result["allow_repeated_seeds"]:
         lines += ["", "Seeds shared between comparisons were kept (--allow_repeated_seeds): "
                   "those pairs are not independent and the interval is too narrow."]

@@ -75,6 +75,50 @@ def test_plan_epochs_is_at_least_one_and_says_when_the_budget_is_overrun():
         cmp.plan_epochs(100.0, [])
 
 
+def _stepped(epoch_steps, step, outside, overhead, n=4):
+    return [{"name": f"r{i}", "epoch_seconds": epoch_steps * step + outside,
+             "step_seconds": step, "outside_seconds": outside, "overhead_seconds": overhead}
+            for i in range(n)]
+
+
+def test_plan_in_steps_spends_what_whole_epochs_would_leave():
+    # 4 runs of 30 s overhead, full passes of 100 steps at 0.1 s + 2 s outside (12 s).
+    runs = _stepped(100, 0.1, 2.0, 30.0)
+    left = 4 * 30.0 + 4 * 12.0 * 6.6          # 6.6 passes of every run
+    whole = cmp.plan_epochs(left, runs, safety=1.0)
+    plan = cmp.plan_epochs(left, runs, safety=1.0, full_pass_steps=100)
+    assert whole["epochs"] == 6 and whole["steps_per_epoch"] is None
+    e, s = plan["epochs"], plan["steps_per_epoch"]
+    # One more epoch of fewer steps: more training within the same limit.
+    assert e == 7 and s < 100 and e * s > 6 * 100
+    assert plan["expected_seconds"] == pytest.approx(4 * (30 + 7 * (s * 0.1 + 2.0)))
+    assert plan["expected_seconds"] <= left < 4 * (30 + 7 * ((s + 1) * 0.1 + 2.0))
+    assert "7 epochs of %d steps (a full pass is 100)" % s in plan["why"]
+    assert cmp.schedule_text({**plan, "full_pass_steps": 100}) == f"7 epochs of {s} steps"
+    assert cmp.schedule_text(whole) == "6 epochs" and cmp.schedule_text(None) == "? epochs"
+
+
+def test_plan_in_steps_keeps_whole_passes_when_they_fit_exactly_or_spread_across_workers():
+    runs = _stepped(100, 0.1, 2.0, 30.0)
+    exact = cmp.plan_epochs(4 * 30.0 + 4 * 12.0 * 5, runs, safety=1.0, full_pass_steps=100)
+    assert (exact["epochs"], exact["steps_per_epoch"]) == (5, 100)
+    two = cmp.plan_epochs(1000.0, runs, safety=1.0, workers=2, full_pass_steps=100)
+    assert two["expected_seconds"] <= 1000.0
+    assert two["epochs"] * two["steps_per_epoch"] >= \
+        cmp.plan_epochs(1000.0, runs, safety=1.0, workers=2)["epochs"] * 100
+
+
+def test_plan_in_steps_shortens_a_single_epoch_rather_than_overrun():
+    runs = _stepped(100, 1.0, 0.0, 10.0, n=1)      # a full pass: 100 s
+    plan = cmp.plan_epochs(60.0, runs, safety=1.0, full_pass_steps=100)
+    assert (plan["epochs"], plan["steps_per_epoch"]) == (1, 50)
+    assert "overrun" not in plan["why"]
+    # Not even one step fits: one full epoch, and it says the budget will be overrun.
+    hopeless = cmp.plan_epochs(5.0, runs, safety=1.0, full_pass_steps=100)
+    assert (hopeless["epochs"], hopeless["steps_per_epoch"]) == (1, 100)
+    assert "overrun" in hopeless["why"]
+
+
 def test_final_phase_speed_leaves_out_the_epoch_that_ended_the_search():
     records = [
         {"phase": "search", "step_seconds": 0.5, "steps": 10, "epoch_seconds": 6.0, "events": []},
@@ -318,6 +362,11 @@ def test_compare_runs_every_step_and_reports_every_row(flagfile, tmp_path):
     assert plan["epochs"] >= 1 and len(plan["runs"]) == 10
     assert {c["epochs"] for c in trains} == {str(plan["epochs"])}
     assert {c["time_budget_minutes"] for c in trains} == {"0"}
+    # Planned in steps: every retraining the same epoch length, given only where it is
+    # shorter than a full pass.
+    steps, full = plan["steps_per_epoch"], plan["full_pass_steps"]
+    assert 1 <= steps <= full
+    assert {c.get("steps_per_epoch") for c in trains} == {str(steps) if steps < full else None}
     assert all(c["args"][0] == f"--flagfile={flagfile}" and "--final_subset=64" in c["args"]
                for c in fake.calls)
     retrain = {os.path.basename(c["output_dir"]): c for c in trains}
@@ -349,6 +398,24 @@ def test_compare_runs_every_step_and_reports_every_row(flagfile, tmp_path):
     assert cmp.RULE in md
     for png in ("accuracy_vs_params.png", "accuracy_vs_seconds.png"):
         assert os.path.getsize(os.path.join(out, png)) > 1000
+
+
+def test_a_plan_of_shorter_epochs_reaches_every_retraining(flagfile, tmp_path, monkeypatch):
+    compare = load_compare()
+    real = cmp.plan_epochs
+
+    def shorter(*args, **kwargs):   # as plan_epochs makes it where whole passes leave time
+        plan = real(*args, **kwargs)
+        return {**plan, "epochs": 2, "steps_per_epoch": kwargs["full_pass_steps"] - 1}
+    monkeypatch.setattr(compare.cmp, "plan_epochs", shorter)
+    out = str(tmp_path / "cmp")
+    fake = FakeScripts()
+    assert compare.main(compare_argv(flagfile, out), launcher=fake) == 0
+    trains = [c for c in fake.calls if c["script"] == "train.py"]
+    assert len(trains) == 10
+    assert {(c["epochs"], c["steps_per_epoch"]) for c in trains} == {("2", str(64 // 16 - 1))}
+    md = open(os.path.join(out, "compare.md")).read()
+    assert f"every retraining 2 epochs of {64 // 16 - 1} steps from scratch" in md
 
 
 def test_rerun_continues_without_redoing_finished_sub_runs(flagfile, tmp_path):

@@ -117,6 +117,18 @@ def test_pool_refuses_what_would_not_measure_one_thing(flagfile, tmp_path, capsy
     rd.write_json(os.path.join(d, "search-bonsai-s7", "config.json"),
                   dict(cfg, final_with_val=True))
     assert "differs in: search-bonsai.final_with_val" in refused(a, d)
+    rd.write_json(os.path.join(d, "search-bonsai-s7", "config.json"), cfg)
+    # Planned epochs and their length (compare.py plans in steps) may differ, as the
+    # same budget buys other counts on other machines; anything else in them may not.
+    for run, planned in ((os.path.join(a, "retrain-bonsai-s0"), {"epochs": 6}),
+                         (os.path.join(d, "retrain-bonsai-s7"),
+                          {"epochs": 7, "steps_per_epoch": 3})):
+        rd.write_json(os.path.join(run, "config.json"), dict(cfg, **planned))
+    capsys.readouterr()
+    assert pool.main(["pool_compare.py", a, d]) == 0
+    rd.write_json(os.path.join(d, "retrain-bonsai-s7", "config.json"),
+                  dict(cfg, epochs=7, steps_per_epoch=3, lr_max=0.1))
+    assert "differs in: retrain-bonsai.lr_max" in refused(a, d)
     # Repeated seeds only when asked, and then said.
     capsys.readouterr()
     assert pool.main(["pool_compare.py", a, a, "--allow_repeated_seeds"]) == 0
