@@ -23,7 +23,6 @@ Refused, with one line `error: ...` and status 2:
     keeps them (each is then its own pair) and says so in the output.
 """
 
-import json
 import os
 import sys
 
@@ -60,15 +59,11 @@ class PoolError(ValueError):
 
 
 def _run_defaults():
-    """RunConfig's defaults as a config.json holds them.
-
-    A field added to RunConfig after a comparison ran is absent from its sub-runs'
-    config.json; those runs behaved as its default does (a new field's default keeps the
-    old behaviour), so an absent field reads as the default, not as a difference
-    (cmp16h's `final_with_val: false` against cmp16e-g, which predate the field).
-    """
+    """RunConfig's defaults as a config.json holds them: an absent field reads as its
+    default, not as a difference (cmp16h's `final_with_val: false` against cmp16e-g,
+    which predate the field; RunConfig.defaults)."""
     from bonsai_tf import config as config_lib
-    return json.loads(config_lib.RunConfig().to_json())
+    return config_lib.RunConfig.defaults()
 
 
 def _identity(directory, settings):

@@ -311,6 +311,13 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
 
     @classmethod
+    def defaults(cls):
+        """The defaults as a config.json holds them. A field added after a run was made is
+        absent from its config.json, and the run behaved as the field's default does (a new
+        field's default keeps the old behaviour): read such a file over these."""
+        return json.loads(cls().to_json())
+
+    @classmethod
     def from_dict(cls, d):
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields

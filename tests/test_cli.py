@@ -192,6 +192,36 @@ def test_converter_noise_is_dropped_and_errors_pass(capfd):
     assert capfd.readouterr().err == "E0000 real error\nno newline\nafter\n"
 
 
+def test_a_run_made_before_a_field_existed_resumes_at_its_default(tmp_path):
+    """config.json of an older version lacks fields added since: they read as their
+    defaults (the behaviour the run had), not as a different configuration."""
+    out = tmp_path / "run"
+    code = f"""
+import sys
+sys.path.insert(0, {os.path.join(ROOT, "train")!r})
+import runner
+from bonsai_tf import config, run_dir as rd
+out = {str(out)!r}
+older = config.RunConfig(measure_memory=False).to_dict()
+del older["final_with_val"], older["settle_epochs"]
+rd.write_json(out + "/config.json", older)
+print(runner.prepare_run_dir(config.RunConfig(measure_memory=False), out, False))
+print(sorted(rd.read_json(out + "/config.json")) == sorted(config.RunConfig().to_dict()))
+try:
+    runner.prepare_run_dir(config.RunConfig(measure_memory=False, final_with_val=True), out,
+                           False)
+except runner.UsageError as e:
+    print("refused:", e)
+"""
+    out.mkdir()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[:2] == ["resume", "True"]     # and config.json now names every field
+    assert lines[2].startswith("refused: ") and "differs in: final_with_val" in lines[2]
+
+
 def test_resumed_run_records_its_non_identity_flags(tmp_path):
     """config.json (what the report shows) follows --nomeasure_memory on resuming."""
     out = tmp_path / "run"

@@ -229,6 +229,11 @@ def prepare_run_dir(cfg, output_dir, overwrite, claim=True):
             raise UsageError(f"{path} is unreadable or corrupt; expected the config.json of a "
                              f"bonsai-tf run: pass --overwrite to start over or another "
                              f"--output_dir")
+        written = old
+        if isinstance(old, dict):
+            # Made by an older version: a field added since reads as its default, so the
+            # run resumes after an upgrade instead of being refused for it.
+            old = {**config_lib.RunConfig.defaults(), **old}
         same = isinstance(old, dict) and _identity(old) == cfg.identity()
         if not same and not overwrite:
             diff = sorted(k for k in set(cfg.identity()) | set(_identity(old or {}))
@@ -237,10 +242,10 @@ def prepare_run_dir(cfg, output_dir, overwrite, claim=True):
                              f"(differs in: {', '.join(diff[:6])}); expected the same flags to "
                              f"resume it, or pass --overwrite or another --output_dir")
         if same and not overwrite:
-            if claim and old != cfg.to_dict():
-                # Only NON_IDENTITY fields differ (say --nomeasure_memory on resuming):
-                # config.json, which the report shows and export reads, must say what
-                # this invocation runs with.
+            if claim and written != cfg.to_dict():
+                # Only NON_IDENTITY fields differ (say --nomeasure_memory on resuming), or
+                # fields the file predates: config.json, which the report shows and
+                # export reads, must say what this invocation runs with.
                 from bonsai_tf import run_dir as rd
                 rd.write_json(path, cfg.to_dict())
             return "finished" if os.path.exists(os.path.join(output_dir, "metrics.json")) else "resume"
